@@ -1,0 +1,228 @@
+"""k-means for clustering-based self-supervision (DeepCluster-V2) and entity discovery.
+
+Two backends return the same ``(centroids, assignments)``:
+
+- ``"torch"``: Lloyd iterations on any device, with the assignment step chunked so that memory stays bounded.
+  Under ``torch.distributed`` each rank holds a shard of the points; the initial centroids are chosen from the
+  gathered points on rank 0 and broadcast, and per-cluster sums and counts are all-reduced, so two processes give
+  the same result as one.
+- ``"faiss"``: ``faiss.Kmeans`` (GPU faiss when it is installed and the data is on a GPU). Under DDP the shards are
+  gathered, clustered on rank 0 and the centroids broadcast.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from agreement import dist
+from agreement._optional import optional_import
+
+Backend = Literal["torch", "faiss"]
+Init = Literal["k-means++", "random"]
+
+
+def _validate(x: torch.Tensor, k: int, iterations: int) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"kmeans: points must be 2-D (n, dim), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError("kmeans: points have dimension 0")
+    if k < 1:
+        raise ValueError(f"kmeans: k must be at least 1, got {k}")
+    if iterations < 0:
+        raise ValueError(f"kmeans: iterations must be non-negative, got {iterations}")
+    flags = torch.tensor([x.shape[0], int(not torch.isfinite(x).all())], device=x.device, dtype=torch.long)
+    dist.all_reduce(flags)
+    total, non_finite = int(flags[0]), int(flags[1])
+    if total == 0:
+        raise ValueError("kmeans: no points to cluster (empty input)")
+    if non_finite:
+        raise ValueError("kmeans: points contain NaN or inf")
+    if k > total:
+        raise ValueError(f"kmeans: k={k} is larger than the number of points ({total})")
+
+
+def _prepare(x: torch.Tensor, spherical: bool) -> torch.Tensor:
+    x = x.detach().float()
+    return torch.nn.functional.normalize(x, dim=1) if spherical else x.contiguous()
+
+
+def _nearest(
+    x: torch.Tensor, centroids: torch.Tensor, spherical: bool, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest centroid and the squared Euclidean distance to it, chunked over points."""
+    assignments = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    centroid_sq = (centroids * centroids).sum(1)
+    for start in range(0, x.shape[0], chunk_size):
+        chunk = x[start : start + chunk_size]
+        # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c.
+        partial = torch.addmm(centroid_sq, chunk, centroids.T, beta=1.0, alpha=-2.0)
+        best, index = partial.min(dim=1)
+        assignments[start : start + chunk_size] = index
+        point_sq = 1.0 if spherical else (chunk * chunk).sum(1)
+        distances[start : start + chunk_size] = (best + point_sq).clamp_min_(0)
+    return assignments, distances
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator, chunk_size: int) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling) on one process."""
+    n = x.shape[0]
+    first = torch.randint(n, (1,), generator=generator).item()
+    centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centroids[0] = x[first]
+    closest = _squared_distance_to(x, centroids[:1], chunk_size)
+    for i in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than k: fall back to uniform sampling
+            probabilities = torch.ones_like(closest)
+        else:
+            probabilities = closest / total
+        choice = torch.multinomial(probabilities.cpu(), 1, generator=generator).item()
+        centroids[i] = x[choice]
+        torch.minimum(closest, _squared_distance_to(x, centroids[i : i + 1], chunk_size), out=closest)
+    return centroids
+
+
+def _squared_distance_to(x: torch.Tensor, centroids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    return _nearest(x, centroids, spherical=False, chunk_size=chunk_size)[1]
+
+
+def _initial_centroids(
+    x: torch.Tensor, k: int, init: Init, seed: int, spherical: bool, chunk_size: int
+) -> torch.Tensor:
+    """Choose the initial centroids from all ranks' points on rank 0 and broadcast them."""
+    gathered = dist.all_gather(x)
+    centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    if dist.get_rank() == 0:
+        generator = torch.Generator().manual_seed(seed)
+        if init == "random":
+            centroids = gathered[torch.randperm(gathered.shape[0], generator=generator)[:k].to(x.device)].clone()
+        elif init == "k-means++":
+            centroids = _kmeans_plus_plus(gathered, k, generator, chunk_size)
+        else:
+            raise ValueError(f"kmeans: init must be 'k-means++', 'random' or a tensor, got {init!r}")
+    dist.broadcast(centroids, src=0)
+    if spherical:
+        centroids = torch.nn.functional.normalize(centroids, dim=1)
+    return centroids
+
+
+def _repair_empty_clusters(
+    x: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor, distances: torch.Tensor
+) -> torch.Tensor:
+    """Move each empty cluster onto one of the points farthest from their centroid (globally, ties by rank order)."""
+    empty = torch.nonzero(counts == 0).flatten()
+    if empty.numel() == 0:
+        return centroids
+    take = min(empty.numel(), x.shape[0])
+    local_far = torch.topk(distances, take).indices if take > 0 else distances.new_zeros(0, dtype=torch.long)
+    candidates = dist.all_gather(x[local_far])
+    candidate_distances = dist.all_gather(distances[local_far])
+    order = torch.sort(candidate_distances, descending=True, stable=True).indices[: empty.numel()]
+    centroids = centroids.clone()
+    centroids[empty[: order.numel()]] = candidates[order]
+    return centroids
+
+
+def _kmeans_torch(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    iterations: int,
+    spherical: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k = centroids.shape[0]
+    for _ in range(iterations):
+        assignments, distances = _nearest(x, centroids, spherical, chunk_size)
+        sums = torch.zeros_like(centroids).index_add_(0, assignments, x)
+        counts = torch.bincount(assignments, minlength=k).to(x.dtype)
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+        updated = sums / counts.clamp_min(1).unsqueeze(1)
+        updated[counts == 0] = centroids[counts == 0]
+        if spherical:
+            updated = torch.nn.functional.normalize(updated, dim=1)
+        centroids = _repair_empty_clusters(x, updated, counts, distances)
+    assignments, _ = _nearest(x, centroids, spherical, chunk_size)
+    return centroids, assignments
+
+
+def _kmeans_faiss(
+    x: torch.Tensor, centroids: torch.Tensor, iterations: int, spherical: bool, seed: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    faiss = optional_import("faiss", purpose="the faiss k-means backend")
+    gathered = dist.all_gather(x)
+    k, dim = centroids.shape
+    result = torch.empty_like(centroids)
+    if dist.get_rank() == 0:
+        use_gpu = x.is_cuda and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+        points = gathered.cpu().numpy()
+        kmeans = faiss.Kmeans(
+            dim,
+            k,
+            niter=iterations,
+            spherical=spherical,
+            seed=seed,
+            gpu=use_gpu,
+            min_points_per_centroid=1,
+            max_points_per_centroid=max(1, points.shape[0]),
+            update_index=True,
+        )
+        if iterations > 0:
+            kmeans.train(points, init_centroids=centroids.cpu().numpy())
+            result = torch.from_numpy(kmeans.centroids).to(x.device)
+        else:
+            result = centroids
+    dist.broadcast(result, src=0)
+    assignments, _ = _nearest(x, result, spherical, chunk_size)
+    return result, assignments
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iterations: int = 10,
+    spherical: bool = True,
+    init: Init | torch.Tensor = "k-means++",
+    seed: int = 0,
+    backend: Backend = "torch",
+    chunk_size: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the rows of ``x`` into ``k`` groups.
+
+    Args:
+        x: (n, dim) points; under DDP, this rank's shard.
+        k: number of clusters.
+        iterations: Lloyd iterations (10 in DeepCluster-V2).
+        spherical: cosine k-means: points and centroids are L2-normalised, as DeepCluster-V2 does.
+        init: ``"k-means++"``, ``"random"`` (k distinct random points) or a (k, dim) tensor of initial centroids.
+        seed: seeds the initialisation; the result is deterministic for a given seed.
+        backend: ``"torch"`` or ``"faiss"``.
+        chunk_size: points per block in the assignment step (bounds memory at ``chunk_size * k`` floats).
+
+    Returns:
+        centroids (k, dim) float32 and this rank's assignments (n,) int64.
+    """
+    _validate(x, k, iterations)
+    if chunk_size < 1:
+        raise ValueError(f"kmeans: chunk_size must be positive, got {chunk_size}")
+    points = _prepare(x, spherical)
+    if isinstance(init, torch.Tensor):
+        if init.shape != (k, x.shape[1]):
+            raise ValueError(f"kmeans: initial centroids must have shape {(k, x.shape[1])}, got {tuple(init.shape)}")
+        centroids = _prepare(init.to(points.device), spherical)
+    else:
+        centroids = _initial_centroids(points, k, init, seed, spherical, chunk_size)
+    if backend == "torch":
+        return _kmeans_torch(points, centroids, iterations, spherical, chunk_size)
+    if backend == "faiss":
+        return _kmeans_faiss(points, centroids, iterations, spherical, seed, chunk_size)
+    raise ValueError(f"kmeans: backend must be 'torch' or 'faiss', got {backend!r}")
+
+
+def inertia(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor) -> float:
+    """Sum of squared Euclidean distances of points to their assigned centroid (summed over ranks)."""
+    total = ((x.float() - centroids[assignments]) ** 2).sum().reshape(1)
+    return float(dist.all_reduce(total).item())

@@ -1,0 +1,1 @@
+"""Entity discovery in captioned videos through bipartite entity-name graphs and visual agreement."""

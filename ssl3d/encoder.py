@@ -1,0 +1,71 @@
+"""The 2D slice encoder ``f_intra``: a timm backbone on single-channel slices, pooled to one embedding per slice."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+
+class SliceEncoder(nn.Module):
+    """Embeds single-channel 2D images (or the slices of volumes) into ``d_model``-dimensional vectors.
+
+    Args:
+        backbone: any timm model name that supports ``forward_intermediates`` (resnets, convnexts, vits, ...).
+        d_model: output dimension (640 in the paper).
+        multi_level: pool the last ``num_levels`` feature maps, L2-normalise each and concatenate them before the
+            projection, as the official code does (its 5,888-d vector for ResNet-50, which repeats the last
+            level; here every level appears once: 3,840-d for ResNet-50). Otherwise only the final features.
+        num_levels: feature levels used when ``multi_level`` is set.
+        pretrained_path: local timm-format state dict (``.safetensors``, ``.pt``, ``.pth``) loaded with
+            ``strict=True``; nothing is downloaded.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        d_model: int = 640,
+        multi_level: bool = True,
+        num_levels: int = 4,
+        pretrained_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone_name = backbone
+        self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0)
+        if pretrained_path is not None:
+            from ssl3d.export import load_state_dict_file
+
+            self.backbone.load_state_dict(load_state_dict_file(pretrained_path), strict=True)
+        channels = [info["num_chs"] for info in self.backbone.feature_info]
+        if num_levels < 1 or num_levels > len(channels):
+            raise ValueError(f"SliceEncoder: num_levels must be in 1..{len(channels)} for {backbone}, got {num_levels}")
+        self.multi_level = multi_level
+        self.level_indices = list(range(len(channels) - num_levels, len(channels))) if multi_level else None
+        feature_dim = sum(channels[i] for i in self.level_indices) if multi_level else self.backbone.num_features
+        self.feature_dim = feature_dim
+        self.d_model = d_model
+        self.projection = nn.Linear(feature_dim, d_model)
+
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's intermediate feature maps (N, C_i, h_i, w_i) of the levels used for pooling."""
+        indices = self.level_indices or [len(self.backbone.feature_info) - 1]
+        return self.backbone.forward_intermediates(images, indices=indices, intermediates_only=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) images -> (N, d_model) embeddings."""
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"SliceEncoder expects (N, 1, H, W) images, got shape {tuple(images.shape)}")
+        if self.multi_level:
+            pooled = [nn.functional.normalize(f.mean(dim=(2, 3)), dim=1) for f in self.feature_maps(images)]
+            features = torch.cat(pooled, dim=1)
+        else:
+            features = self.backbone(images)
+        return self.projection(features)
+
+    def embed_volumes(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, H, W) volumes -> (B, S, d_model) slice tokens."""
+        if volumes.ndim != 5 or volumes.shape[1] != 1:
+            raise ValueError(f"SliceEncoder expects (B, 1, S, H, W) volumes, got shape {tuple(volumes.shape)}")
+        batch, _, slices, height, width = volumes.shape
+        slices_as_images = volumes.transpose(1, 2).reshape(batch * slices, 1, height, width)
+        return self(slices_as_images).view(batch, slices, self.d_model)

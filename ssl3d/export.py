@@ -1,0 +1,58 @@
+"""Export the pretrained slice encoder as a plain timm state dict that loads with ``strict=True``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, never running code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: cannot read weights ({error})") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
+
+
+def export_encoder(backbone: nn.Module, backbone_name: str, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write ``encoder.safetensors`` and ``encoder.json`` (how to rebuild the timm model) under ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "encoder.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(weights)
+    metadata = {"timm_model": backbone_name, "in_chans": 1, "num_classes": 0, "weights": weights.name, **(extra or {})}
+    (folder / "encoder.json").write_text(json.dumps(metadata, indent=2))
+    return weights
+
+
+def load_exported_encoder(path: str | Path) -> nn.Module:
+    """Rebuild the timm model described next to ``path`` (a folder or its ``encoder.safetensors``), strictly."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    metadata_file = folder / "encoder.json"
+    if not metadata_file.is_file():
+        raise FileNotFoundError(f"{metadata_file} is missing; it says which timm model the weights belong to")
+    metadata = json.loads(metadata_file.read_text())
+    model = timm.create_model(
+        metadata["timm_model"], pretrained=False, in_chans=metadata["in_chans"], num_classes=metadata["num_classes"]
+    )
+    model.load_state_dict(load_state_dict_file(folder / metadata["weights"]), strict=True)
+    return model

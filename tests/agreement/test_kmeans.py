@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+from agreement.kmeans import _initial_centroids, inertia, kmeans
+from tests.helpers.distributed import run_distributed
+
+
+def blobs(n=3000, dim=16, centers=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(centers, dim, generator=generator) * 4
+    labels = torch.randint(centers, (n,), generator=generator)
+    return means[labels] + torch.randn(n, dim, generator=generator), labels
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_inertia_within_one_percent_of_scikit_learn_with_same_init(backend):
+    x, _ = blobs()
+    init = _initial_centroids(x, 12, "k-means++", 3, spherical=False, chunk_size=1024)
+    reference = KMeans(12, init=init.numpy(), n_init=1, max_iter=10, algorithm="lloyd", tol=0).fit(x.numpy())
+    centroids, assignments = kmeans(x, 12, iterations=10, spherical=False, init=init, backend=backend)
+    assert inertia(x, centroids, assignments) <= 1.01 * reference.inertia_
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_random_data_inertia_matches_scikit_learn(backend):
+    x = torch.randn(5000, 8)
+    init = _initial_centroids(x, 50, "random", 0, spherical=False, chunk_size=1024)
+    reference = KMeans(50, init=init.numpy(), n_init=1, max_iter=10, algorithm="lloyd", tol=0).fit(x.numpy())
+    centroids, assignments = kmeans(x, 50, iterations=10, spherical=False, init=init, backend=backend)
+    assert abs(inertia(x, centroids, assignments) / reference.inertia_ - 1) < 0.01
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_recovers_well_separated_blobs(backend):
+    from sklearn.metrics import adjusted_rand_score
+
+    x, labels = blobs(centers=5, dim=8)
+    _, assignments = kmeans(x, 5, iterations=20, spherical=False, backend=backend, seed=1)
+    assert adjusted_rand_score(labels.numpy(), assignments.numpy()) > 0.95
+
+
+def test_spherical_centroids_are_unit_norm_and_assignments_are_by_cosine():
+    x, _ = blobs(dim=12)
+    centroids, assignments = kmeans(x, 6, iterations=5, spherical=True)
+    torch.testing.assert_close(centroids.norm(dim=1), torch.ones(6))
+    cosine = torch.nn.functional.normalize(x, dim=1) @ centroids.T
+    assert torch.equal(assignments, cosine.argmax(1))
+
+
+def test_deterministic_under_a_seed_and_seed_matters():
+    x, _ = blobs()
+    first = kmeans(x, 8, seed=5)
+    second = kmeans(x, 8, seed=5)
+    other = kmeans(x, 8, seed=6)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_chunking_does_not_change_the_result():
+    x, _ = blobs(n=1000)
+    whole = kmeans(x, 7, chunk_size=10_000, spherical=False)
+    chunked = kmeans(x, 7, chunk_size=33, spherical=False)
+    torch.testing.assert_close(whole[0], chunked[0])
+    assert torch.equal(whole[1], chunked[1])
+
+
+def test_empty_clusters_are_repaired():
+    x = torch.cat([torch.randn(100, 2) * 0.1, torch.randn(100, 2) * 0.1 + 10])
+    init = torch.tensor([[0.0, 0.0], [10.0, 10.0], [1000.0, 1000.0], [-1000.0, 5.0]])  # two start empty
+    centroids, assignments = kmeans(x, 4, iterations=5, spherical=False, init=init)
+    counts = torch.bincount(assignments, minlength=4)
+    assert (counts > 0).all()
+    assert centroids.abs().max() < 20
+
+
+def test_single_cluster_is_the_mean():
+    x = torch.randn(50, 3)
+    centroids, assignments = kmeans(x, 1, iterations=2, spherical=False)
+    torch.testing.assert_close(centroids[0], x.mean(0))
+    assert (assignments == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("x", "k", "message"),
+    [
+        (torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), 1, "NaN or inf"),
+        (torch.tensor([[0.0, float("inf")], [1.0, 2.0]]), 1, "NaN or inf"),
+        (torch.randn(3, 2), 4, "larger than the number of points"),
+        (torch.zeros(0, 4), 1, "empty"),
+        (torch.randn(5), 2, "2-D"),
+        (torch.randn(5, 2), 0, "at least 1"),
+    ],
+)
+def test_bad_input_raises(x, k, message):
+    with pytest.raises(ValueError, match=message):
+        kmeans(x, k)
+
+
+def test_bad_initial_centroids_shape_raises():
+    with pytest.raises(ValueError, match="initial centroids must have shape"):
+        kmeans(torch.randn(10, 3), 2, init=torch.randn(3, 3))
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="backend"):
+        kmeans(torch.randn(10, 3), 2, backend="sklearn")
+
+
+def _kmeans_on_shard(rank, world_size, x, backend, spherical):
+    shard = x.chunk(world_size)[rank]
+    centroids, assignments = kmeans(shard, 6, iterations=8, spherical=spherical, seed=2, backend=backend)
+    return centroids, assignments
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("backend", "spherical"), [("torch", True), ("torch", False), ("faiss", False)])
+def test_two_processes_equal_one(backend, spherical):
+    x, _ = blobs(n=600, dim=8)
+    expected_centroids, expected_assignments = kmeans(x, 6, iterations=8, spherical=spherical, seed=2, backend=backend)
+    results = run_distributed(_kmeans_on_shard, 2, x, backend, spherical)
+    for centroids, _ in results:
+        torch.testing.assert_close(centroids, expected_centroids, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat([a for _, a in results]), expected_assignments)
+
+
+def _kmeans_with_empty_cluster(rank, world_size, x, init):
+    return kmeans(x.chunk(world_size)[rank], 4, iterations=3, spherical=False, init=init)
+
+
+@pytest.mark.distributed
+def test_empty_cluster_repair_is_the_same_on_two_processes():
+    x = torch.cat([torch.randn(40, 2) * 0.1, torch.randn(40, 2) * 0.1 + 10])
+    init = torch.tensor([[0.0, 0.0], [10.0, 10.0], [1000.0, 1000.0], [-1000.0, 5.0]])
+    expected = kmeans(x, 4, iterations=3, spherical=False, init=init)
+    results = run_distributed(_kmeans_with_empty_cluster, 2, x, init)
+    for centroids, _ in results:
+        torch.testing.assert_close(centroids, expected[0])
+    np.testing.assert_array_equal(torch.cat([a for _, a in results]).numpy(), expected[1].numpy())

@@ -75,10 +75,8 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator, chunk
     closest = _squared_distance_to(x, centroids[:1], chunk_size)
     for i in range(1, k):
         total = closest.sum()
-        if total <= 0:  # fewer distinct points than k: fall back to uniform sampling
-            probabilities = torch.ones_like(closest)
-        else:
-            probabilities = closest / total
+        # With fewer distinct points than k every distance is 0: fall back to uniform sampling.
+        probabilities = closest / total if total > 0 else torch.ones_like(closest)
         choice = torch.multinomial(probabilities.cpu(), 1, generator=generator).item()
         centroids[i] = x[choice]
         torch.minimum(closest, _squared_distance_to(x, centroids[i : i + 1], chunk_size), out=closest)

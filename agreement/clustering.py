@@ -1,0 +1,191 @@
+"""Clustering agreement objectives as small modules: SwAV (online, Sinkhorn) and DeepCluster-V2 (offline k-means).
+
+Both take the L2-normalised embeddings of several views of the same samples and return one loss; a method wires
+one of them onto whatever embedding it wants to cluster (2D slices, volumes, faces).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torch import nn
+
+from agreement import dist
+from agreement.kmeans import kmeans
+from agreement.losses import deepcluster_loss, swav_loss
+from agreement.memory import FeatureQueue, MemoryBank
+from agreement.prototypes import Prototypes
+from agreement.sinkhorn import sinkhorn
+
+
+class SwAVClustering(nn.Module):
+    """Swapped prediction of Sinkhorn codes between views, with optional per-process queue and frozen prototypes.
+
+    Args:
+        dim: embedding dimension.
+        num_prototypes: prototypes per head (one int per head).
+        temperature: softmax temperature of the predictions (0.1).
+        epsilon, sinkhorn_iterations: Sinkhorn-Knopp settings (0.05, 3).
+        queue_length: embeddings per view kept from past batches to enlarge the batch Sinkhorn sees (0 = none).
+        freeze_steps: optimizer steps during which the prototypes get no gradient.
+        num_views: views per sample.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_prototypes: list[int],
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        queue_length: int = 0,
+        freeze_steps: int = 0,
+        num_views: int = 2,
+    ) -> None:
+        super().__init__()
+        self.prototypes = Prototypes(dim, list(num_prototypes), freeze_steps=freeze_steps)
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.num_views = num_views
+        self.queue = FeatureQueue(queue_length, dim, num_views) if queue_length > 0 else None
+
+    def forward(self, views: list[torch.Tensor], use_queue: bool = True) -> torch.Tensor:
+        """``views``: ``num_views`` tensors (B, dim) of L2-normalised embeddings; returns the loss."""
+        if len(views) != self.num_views:
+            raise ValueError(f"SwAVClustering: expected {self.num_views} views, got {len(views)}")
+        batch = views[0].shape[0]
+        scores = [self.prototypes(z) for z in views]  # [view][head] -> (B, K_h)
+        queued = (
+            [self.prototypes(self.queue.get(v).to(views[v].dtype)) for v in range(self.num_views)]
+            if self.queue is not None and use_queue and self.queue.is_full
+            else None
+        )
+        losses = []
+        for head in range(self.prototypes.num_heads):
+            codes = []
+            for v in range(self.num_views):
+                head_scores = scores[v][head].detach()
+                if queued is not None:
+                    head_scores = torch.cat([queued[v][head].detach(), head_scores])
+                codes.append(sinkhorn(head_scores, self.epsilon, self.sinkhorn_iterations)[-batch:])
+            losses.append(swav_loss([s[head] for s in scores], codes, self.temperature))
+        if self.queue is not None:
+            self.queue.enqueue([z.detach() for z in views])
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Keep prototypes on the unit sphere (SwAV renormalises before every step)."""
+        self.prototypes.normalize_()
+
+    def after_backward(self, step: int) -> None:
+        self.prototypes.zero_grad_if_frozen(step)
+
+    def cluster_assignments(self) -> list[torch.Tensor]:
+        return []
+
+
+class DeepClusterV2Clustering(nn.Module):
+    """Cross entropy to per-sample k-means assignments that are recomputed from a memory bank at each epoch start.
+
+    The memory bank and the assignment table are indexed by global sample index and sized by :meth:`allocate`
+    (once the dataset is known); both are buffers, so checkpoints carry them. Head ``h`` clusters the memory of view
+    ``h % num_views``, as DeepCluster-V2 does with its ``crops_for_assign``.
+    """
+
+    assignments: torch.Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        num_prototypes: list[int],
+        temperature: float = 0.1,
+        kmeans_iterations: int = 10,
+        num_views: int = 2,
+        backend: Literal["torch", "faiss"] = "torch",
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.prototypes = Prototypes(dim, list(num_prototypes))
+        self.temperature = temperature
+        self.kmeans_iterations = kmeans_iterations
+        self.num_views = num_views
+        self.backend = backend
+        self.memory: MemoryBank | None = None
+        self.register_buffer("assignments", torch.full((len(num_prototypes), 0), -1, dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.assignments.shape[1]
+
+    def allocate(self, size: int) -> None:
+        """Size the memory bank and the assignment table for ``size`` samples (keeps them if already so)."""
+        if self.memory is not None and self.size == size:
+            return
+        max_k = max(self.prototypes.num_prototypes)
+        if size < max_k:
+            raise ValueError(
+                f"DeepCluster-V2 needs at least as many samples as clusters: {size} samples, {max_k} clusters; "
+                "lower num_prototypes or add data"
+            )
+        device = self.assignments.device
+        self.memory = MemoryBank(size, self.dim, self.num_views).to(device)
+        self.assignments = torch.full((self.prototypes.num_heads, size), -1, dtype=torch.long, device=device)
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """``views``: ``num_views`` tensors (B, dim) of L2-normalised embeddings of the samples ``index``."""
+        if self.memory is None:
+            raise RuntimeError(
+                "DeepClusterV2Clustering.allocate(dataset_size) must be called before training"
+            )
+        if len(views) != self.num_views:
+            raise ValueError(f"DeepClusterV2Clustering: expected {self.num_views} views, got {len(views)}")
+        scores = self.prototypes(torch.cat(views))
+        targets = self.assignments[:, index.to(self.assignments.device)].repeat(1, self.num_views)
+        loss = deepcluster_loss(scores, targets, self.temperature, ignore_index=-1)
+        self.memory.update(index, [z.detach().float() for z in views])
+        return loss
+
+    @torch.no_grad()
+    def recluster(self, seed: int) -> None:
+        """Spherical k-means on the memory bank; prototypes become the centroids, assignments are refreshed.
+
+        Each rank holds the whole bank and clusters its own contiguous share of it, so the k-means is the
+        distributed one and gives the same result on any number of processes.
+        """
+        if self.memory is None or self.memory.num_filled == 0:
+            return
+        for head, k in enumerate(self.prototypes.num_prototypes):
+            features, indices = self.memory.features_for_clustering(head % self.num_views)
+            if features.shape[0] < k:
+                warnings.warn(
+                    f"DeepCluster-V2: only {features.shape[0]} samples in memory for {k} clusters; skipping k-means",
+                    stacklevel=2,
+                )
+                continue
+            share = torch.tensor_split(torch.arange(features.shape[0]), dist.get_world_size())[
+                dist.get_rank()
+            ]
+            centroids, local = kmeans(
+                features[share.to(features.device)],
+                k,
+                iterations=self.kmeans_iterations,
+                spherical=True,
+                seed=seed + head,
+                backend=self.backend,
+            )
+            self.prototypes.set_centroids(head, centroids.to(self.prototypes.weight(head).dtype))
+            self.assignments[head].fill_(-1)
+            self.assignments[head, indices] = dist.all_gather(local.to(self.assignments.device))
+
+    def before_step(self) -> None:
+        """Nothing to do: the prototypes move freely between two k-means runs."""
+
+    def after_backward(self, step: int) -> None:
+        """Nothing to do: DeepCluster-V2 never freezes its prototypes."""
+
+    def cluster_assignments(self) -> list[torch.Tensor]:
+        return [row[row >= 0] for row in self.assignments]

@@ -135,6 +135,13 @@ class DeepClusterV2Clustering(nn.Module):
         self.memory = MemoryBank(size, self.dim, self.num_views).to(device)
         self.assignments = torch.full((self.prototypes.num_heads, size), -1, dtype=torch.long, device=device)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The bank is sized by the dataset: take its size from the state being loaded (checkpoints, DDP results).
+        key = prefix + "assignments"
+        if key in state_dict:
+            self.allocate(state_dict[key].shape[1])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """``views``: ``num_views`` tensors (B, dim) of L2-normalised embeddings of the samples ``index``."""
         if self.memory is None:

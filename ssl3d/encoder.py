@@ -40,27 +40,30 @@ class SliceEncoder(nn.Module):
         if num_levels < 1 or num_levels > len(channels):
             raise ValueError(f"SliceEncoder: num_levels must be in 1..{len(channels)} for {backbone}, got {num_levels}")
         self.multi_level = multi_level
-        self.level_indices = list(range(len(channels) - num_levels, len(channels))) if multi_level else None
-        feature_dim = sum(channels[i] for i in self.level_indices) if multi_level else self.backbone.num_features
-        self.feature_dim = feature_dim
+        # Intermediate levels below the last; the last level is the backbone's final feature map, which includes
+        # any head convolution (e.g. EfficientNet's conv_head), so that every backbone weight is trained.
+        self.level_indices = list(range(len(channels) - num_levels, len(channels) - 1)) if multi_level else []
+        self.feature_dim = sum(channels[i] for i in self.level_indices) + self.backbone.num_features
         self.d_model = d_model
-        self.projection = nn.Linear(feature_dim, d_model)
+        self.projection = nn.Linear(self.feature_dim, d_model)
 
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The backbone's intermediate feature maps (N, C_i, h_i, w_i) of the levels used for pooling."""
-        indices = self.level_indices or [len(self.backbone.feature_info) - 1]
-        return self.backbone.forward_intermediates(images, indices=indices, intermediates_only=True)
+        """Feature maps (N, C_i, h_i, w_i) of the pooled levels, finest first, the final features last."""
+        if not self.level_indices:
+            return [self.backbone.forward_features(images)]
+        final, intermediates = self.backbone.forward_intermediates(images, indices=self.level_indices)
+        return [*intermediates, final]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) images -> (N, d_model) embeddings."""
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"SliceEncoder expects (N, 1, H, W) images, got shape {tuple(images.shape)}")
+        *intermediates, final = self.feature_maps(images)
+        pooled = self.backbone.forward_head(final, pre_logits=True)
         if self.multi_level:
-            pooled = [nn.functional.normalize(f.mean(dim=(2, 3)), dim=1) for f in self.feature_maps(images)]
-            features = torch.cat(pooled, dim=1)
-        else:
-            features = self.backbone(images)
-        return self.projection(features)
+            levels = [f.mean(dim=(2, 3)) for f in intermediates] + [pooled]
+            pooled = torch.cat([nn.functional.normalize(level, dim=1) for level in levels], dim=1)
+        return self.projection(pooled)
 
     def embed_volumes(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, H, W) volumes -> (B, S, d_model) slice tokens."""

@@ -1,0 +1,288 @@
+"""``JointSSL``: joint 2D/3D contrastive clustering with deformable slice attention (AAAI 2023), one LightningModule.
+
+The objective is ``lambda_intra * L_intra + lambda_inter * L_inter + lambda_mask * L_mask``:
+
+- ``L_intra``: clustering agreement (SwAV or DeepCluster-V2) between two augmented views of 2D slices/images,
+  on a projection of the slice encoder's embedding.
+- ``L_inter``: the same agreement between two augmented views of a volume, on the L2-normalised mean of the slice
+  Transformer's outputs.
+- ``L_mask``: masked slice-embedding prediction: masked slice tokens are predicted from the others.
+
+``schedule="curriculum"`` replays the official three stages instead (2D only, then masked prediction with the
+encoder frozen, then 3D only), by the epoch boundaries in ``curriculum_epochs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from agreement.clustering import DeepClusterV2Clustering, SwAVClustering
+from agreement.losses import masked_embedding_regression
+from agreement.prototypes import ProjectionHead
+from ssl3d.attention import MaskedSliceModel, SliceTransformer, random_slice_mask
+from ssl3d.encoder import SliceEncoder
+from ssl3d.optim import WarmupCosineSchedule, build_optimizer
+from ssl3d.rng import rng_state, set_rng_state
+
+Clustering = Literal["swav", "deepcluster"]
+
+
+class JointSSL(pl.LightningModule):
+    """Joint image-volume self-supervised pretraining.
+
+    Args:
+        backbone: timm 2D backbone of the slice encoder (single-channel input).
+        pretrained_backbone: optional local timm state dict to start from (nothing is downloaded).
+        multi_level: pool several feature levels of the backbone, as the official code does.
+        d_model: slice-token dimension (640).
+        num_slices: slices per volume (fixes the attention shape for ``attention_layout="code"``).
+        num_layers, heads, dim_head, ffn_hidden, dropout: the slice Transformer (4, 8, 64, 720, 0.1).
+        attention_layout: ``"slices"`` (slices are the tokens, the paper's meaning) or ``"code"`` (the official
+            code's layout, slices as channels).
+        downsample_factor, offset_scale, offset_kernel_size: deformable attention settings (4, 2, 6).
+        clustering: ``"swav"`` or ``"deepcluster"`` for both L_intra and L_inter.
+        prototypes_2d, prototypes_3d: clusters per head for the 2D and 3D agreement.
+        projection_hidden, projection_dim: the 2D projection head (SwAV/DeepCluster-V2 use 2048 and 128).
+        temperature, epsilon, sinkhorn_iterations: SwAV/DeepCluster-V2 settings (0.1, 0.05, 3).
+        queue_length: SwAV queue per view for the 2D (and 3D) agreement, 0 for none.
+        queue_start_epoch: first epoch that uses a full queue.
+        freeze_prototypes_steps: SwAV's frozen-prototype warm-up in optimizer steps.
+        kmeans_iterations, kmeans_backend: DeepCluster-V2 k-means settings.
+        mask_ratio: fraction of slices masked for L_mask (0.1).
+        mask_trains_encoder: let L_mask's gradient reach the slice encoder (the official stage 2 keeps it frozen).
+        lambda_intra, lambda_inter, lambda_mask: loss weights.
+        schedule: ``"joint"`` (one objective) or ``"curriculum"`` (the official three stages).
+        curriculum_epochs: epochs of stages 1 and 2 for the curriculum; the rest is stage 3.
+        optimizer: ``"lars"`` (SGD + LARS, the official recipe), ``"adamw"`` or ``"sgd"``.
+        lr, final_lr_ratio, weight_decay, momentum, trust_coefficient, warmup_epochs: the per-step schedule.
+        channels_last: run the 2D backbone in channels-last memory format (faster convolutions on GPU).
+        seed: seeds the per-epoch k-means (the run's global seed is ``seed_everything``'s).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        pretrained_backbone: str | None = None,
+        multi_level: bool = True,
+        d_model: int = 640,
+        num_slices: int = 64,
+        num_layers: int = 4,
+        heads: int = 8,
+        dim_head: int = 64,
+        ffn_hidden: int = 720,
+        dropout: float = 0.1,
+        attention_layout: Literal["slices", "code"] = "slices",
+        downsample_factor: int = 4,
+        offset_scale: float = 2.0,
+        offset_kernel_size: int = 6,
+        clustering: Clustering = "deepcluster",
+        prototypes_2d: list[int] = [3000, 3000, 3000],  # noqa: B006 - jsonargparse needs a literal default
+        prototypes_3d: list[int] = [4, 4, 4],  # noqa: B006
+        projection_hidden: int = 2048,
+        projection_dim: int = 128,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        queue_length: int = 0,
+        queue_start_epoch: int = 0,
+        freeze_prototypes_steps: int = 313,
+        kmeans_iterations: int = 10,
+        kmeans_backend: Literal["torch", "faiss"] = "torch",
+        mask_ratio: float = 0.1,
+        mask_trains_encoder: bool = False,
+        lambda_intra: float = 1.0,
+        lambda_inter: float = 1.0,
+        lambda_mask: float = 1.0,
+        schedule: Literal["joint", "curriculum"] = "joint",
+        curriculum_epochs: tuple[int, int] = (1, 1),
+        optimizer: Literal["lars", "adamw", "sgd"] = "lars",
+        lr: float = 0.01,
+        final_lr_ratio: float = 0.0,
+        weight_decay: float = 1e-6,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+        warmup_epochs: float = 10.0,
+        channels_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 < mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
+        self.encoder = SliceEncoder(backbone, d_model, multi_level=multi_level, pretrained_path=pretrained_backbone)
+        self.transformer = SliceTransformer(
+            d_model=d_model,
+            num_layers=num_layers,
+            heads=heads,
+            dim_head=dim_head,
+            ffn_hidden=ffn_hidden,
+            dropout=dropout,
+            layout=attention_layout,
+            num_slices=num_slices if attention_layout == "code" else None,
+            downsample_factor=downsample_factor,
+            offset_scale=offset_scale,
+            offset_kernel_size=offset_kernel_size,
+        )
+        self.masked_model = MaskedSliceModel(self.transformer, d_model)
+        self.projection_2d = ProjectionHead(d_model, projection_hidden, projection_dim)
+        self.clustering_2d = self._make_clustering(projection_dim, prototypes_2d)
+        self.clustering_3d = self._make_clustering(d_model, prototypes_3d)
+        if channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+
+    def _make_clustering(self, dim: int, prototypes: list[int]) -> nn.Module:
+        hp = self.hparams
+        if hp.clustering == "swav":
+            return SwAVClustering(
+                dim,
+                prototypes,
+                temperature=hp.temperature,
+                epsilon=hp.epsilon,
+                sinkhorn_iterations=hp.sinkhorn_iterations,
+                queue_length=hp.queue_length,
+                freeze_steps=hp.freeze_prototypes_steps,
+            )
+        if hp.clustering == "deepcluster":
+            return DeepClusterV2Clustering(
+                dim,
+                prototypes,
+                temperature=hp.temperature,
+                kmeans_iterations=hp.kmeans_iterations,
+                backend=hp.kmeans_backend,
+            )
+        raise ValueError(f"clustering must be 'swav' or 'deepcluster', got {hp.clustering!r}")
+
+    # ----------------------------------------------------------------------------------------------- wiring
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.clustering == "deepcluster":
+            datamodule = self.trainer.datamodule
+            self.clustering_2d.allocate(datamodule.num_slice_samples)
+            self.clustering_3d.allocate(datamodule.num_volume_samples)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_state" in checkpoint:
+            set_rng_state(checkpoint["rng_state"])
+
+    def stage_weights(self, epoch: int) -> tuple[float, float, float]:
+        """(lambda_intra, lambda_inter, lambda_mask) in effect at ``epoch``."""
+        hp = self.hparams
+        if hp.schedule == "joint":
+            return hp.lambda_intra, hp.lambda_inter, hp.lambda_mask
+        first, second = hp.curriculum_epochs
+        if epoch < first:
+            return hp.lambda_intra, 0.0, 0.0
+        if epoch < first + second:
+            return 0.0, 0.0, hp.lambda_mask
+        return 0.0, hp.lambda_inter, 0.0
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+
+    def embed_slices(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) -> (N, d_model) slice embeddings."""
+        return self.encoder(self._images(images))
+
+    def embed_volumes(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, H, W) -> (B, d_model) unit-norm volume embeddings."""
+        batch, _, slices, height, width = volumes.shape
+        images = volumes.transpose(1, 2).reshape(batch * slices, 1, height, width)
+        tokens = self.embed_slices(images).view(batch, slices, -1)
+        return self.transformer.volume_embedding(tokens)
+
+    # ---------------------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.clustering == "deepcluster":
+            seed = self.hparams.seed + 1000 * self.current_epoch
+            self.clustering_2d.recluster(seed)
+            self.clustering_3d.recluster(seed + 500)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        step = self.global_step
+        self.clustering_2d.after_backward(step)
+        self.clustering_3d.after_backward(step)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.clustering_2d.before_step()
+        self.clustering_3d.before_step()
+
+    def _intra_loss(self, slices: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = slices["view1"].shape[0]
+        embeddings = self.embed_slices(torch.cat([slices["view1"], slices["view2"]]))
+        z = nn.functional.normalize(self.projection_2d(embeddings), dim=1)
+        views = list(z.split(batch))
+        return self._agreement(self.clustering_2d, views, slices["index"])
+
+    def _agreement(self, clustering: nn.Module, views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        if isinstance(clustering, SwAVClustering):
+            return clustering(views, use_queue=self.current_epoch >= self.hparams.queue_start_epoch)
+        return clustering(views, index)
+
+    def _volume_losses(
+        self, volumes: dict[str, torch.Tensor], need_inter: bool, need_mask: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        batch, _, slices, height, width = volumes["view1"].shape
+        both = torch.cat([volumes["view1"], volumes["view2"]])
+        images = both.transpose(1, 2).reshape(2 * batch * slices, 1, height, width)
+        encoder_grad = need_inter or self.hparams.mask_trains_encoder
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            tokens = self.embed_slices(images).view(2 * batch, slices, -1)
+        inter = mask_loss = None
+        if need_inter:
+            z = self.transformer.volume_embedding(tokens)
+            inter = self._agreement(self.clustering_3d, list(z.split(batch)), volumes["index"])
+        if need_mask:
+            # The same slices are masked in both views of a volume, as in the official code.
+            mask = random_slice_mask(batch, slices, self.hparams.mask_ratio, device=tokens.device).repeat(2, 1)
+            inputs = tokens if self.hparams.mask_trains_encoder else tokens.detach()
+            predictions = self.masked_model(inputs, mask)
+            mask_loss = masked_embedding_regression(predictions, tokens.detach(), mask)
+        return inter, mask_loss
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        w_intra, w_inter, w_mask = self.stage_weights(self.current_epoch)
+        total = torch.zeros((), device=self.device)
+        logs: dict[str, torch.Tensor] = {}
+        if w_intra > 0 and batch.get("slices") is not None:
+            intra = self._intra_loss(batch["slices"])
+            total = total + w_intra * intra
+            logs["train/loss_intra"] = intra.detach()
+        if (w_inter > 0 or w_mask > 0) and batch.get("volumes") is not None:
+            inter, mask_loss = self._volume_losses(batch["volumes"], w_inter > 0, w_mask > 0)
+            if inter is not None:
+                total = total + w_inter * inter
+                logs["train/loss_inter"] = inter.detach()
+            if mask_loss is not None:
+                total = total + w_mask * mask_loss
+                logs["train/loss_mask"] = mask_loss.detach()
+        logs["train/loss"] = total.detach()
+        batch_size = next(iter(batch.values()))["index"].shape[0]
+        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        return total
+
+    def cluster_assignments(self) -> list[torch.Tensor]:
+        """Current k-means assignments per head (2D heads first); empty for SwAV."""
+        return self.clustering_2d.cluster_assignments() + self.clustering_3d.cluster_assignments()
+
+    # --------------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = build_optimizer(
+            [p for p in self.parameters() if p.requires_grad],
+            name=hp.optimizer,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            momentum=hp.momentum,
+            trust_coefficient=hp.trust_coefficient,
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
+        scheduler = WarmupCosineSchedule(optimizer, warmup_steps, total_steps, hp.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -105,15 +105,18 @@ class ContinuousPositionBias(nn.Module):
             piece1 = torch.searchsorted(kinks1, points)
         a, c = a[piece1], c[piece1]
         with torch.no_grad():
-            on2 = (a * points[:, None] + c >= 0.05).to(a.dtype)
+            on2 = (a * points[:, None] + c > 0).to(a.dtype)
         slope = (on2 * a) @ w3
         intercept = (on2 * c) @ w3 + b3
         return kinks, slope, intercept
 
     def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         """Bias ``f(query_pos[i] - key_pos[b, j])``, shape ``(B, n, m)``; ``query_pos`` (n,) gets no gradient."""
-        kinks, slope, intercept = self._pieces()
-        return _PiecewiseBias.apply(query_pos, key_pos, kinks, slope, intercept, self.log_distance)
+        # Kinks and tables need full precision: under autocast the matmuls would round them to half.
+        with torch.autocast(key_pos.device.type, enabled=False):
+            kinks, slope, intercept = self._pieces()
+            query_pos, key_pos = query_pos.to(slope.dtype), key_pos.to(slope.dtype)
+            return _PiecewiseBias.apply(query_pos, key_pos, kinks, slope, intercept, self.log_distance)
 
 
 class _PiecewiseBias(torch.autograd.Function):
@@ -194,7 +197,9 @@ class DeformableSliceAttention(nn.Module):
             what = "num_slices" if layout == "code" else "dim"
             raise ValueError(f"{what}={channels} (the channel count) must be divisible by heads={heads}")
         if channels < 4:
-            raise ValueError(f"the channel count must be >= 4 (position-bias width is channels // 4), got {channels}")
+            raise ValueError(
+                f"the channel count must be >= 4 (position-bias width is channels // 4), got {channels}"
+            )
         if downsample_factor < 1 or offset_kernel_size < downsample_factor:
             raise ValueError(
                 f"need 1 <= downsample_factor <= offset_kernel_size, got {downsample_factor}, {offset_kernel_size}"
@@ -212,7 +217,7 @@ class DeformableSliceAttention(nn.Module):
         self.scale = dim_head**-0.5
         inner = heads * dim_head
 
-        # Conv1d modules only to share the package's parameter shapes and default init; forward uses the weights.
+        # Modules mirror the package's parameter shapes and default init; forward reshapes their weights.
         self.to_q = nn.Conv1d(channels, inner, 1, groups=heads, bias=False)
         self.to_k = nn.Conv1d(channels, inner, 1, groups=heads, bias=False)
         self.to_v = nn.Conv1d(channels, inner, 1, groups=heads, bias=False)
@@ -308,12 +313,18 @@ def load_from_deformable_attention1d(module: DeformableSliceAttention, package_m
         )
     bad = [k for k in ours if ours[k].shape != state[k].shape]
     if bad:
-        raise ValueError(f"package module has different shapes for {bad} (check dim, heads, dim_head, kernel)")
+        raise ValueError(
+            f"package module has different shapes for {bad} (check dim, heads, dim_head, kernel)"
+        )
     module.load_state_dict(state)
 
 
 class SliceTransformerLayer(nn.Module):
-    """Post-norm layer as in the published code: ``Y = Drop(LN(X + DA(X)))``, ``Drop(LN(Y + FFN(Y)))``."""
+    """Post-norm layer as in the published code: ``Y = Drop(LN(X + DA(X)))``, ``Drop(LN(Y + FFN(Y)))``.
+
+    ``dropout`` is the residual/FFN dropout; attention-weight dropout is an attention kwarg (default 0, as
+    in the published code).
+    """
 
     def __init__(
         self,
@@ -444,8 +455,9 @@ class MaskedSliceModel(nn.Module):
         _check_tokens(tokens)
         if tokens.shape[-1] != self.d_model:
             raise ValueError(f"expected last dim {self.d_model}, got {tokens.shape[-1]}")
-        if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
-            raise ValueError(f"mask must be bool of shape {tuple(tokens.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be bool of shape {tuple(tokens.shape[:2])}, got {got}")
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         return self.decoder(self.transformer(x))
 
@@ -462,7 +474,9 @@ def masked_embedding_loss(
         raise ValueError(f"kind must be one of {tuple(losses)}, got {kind!r}")
     _check_tokens(predictions, "predictions")
     if targets.shape != predictions.shape:
-        raise ValueError(f"targets shape {tuple(targets.shape)} != predictions shape {tuple(predictions.shape)}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} != predictions shape {tuple(predictions.shape)}"
+        )
     if mask.dtype != torch.bool or mask.shape != predictions.shape[:2]:
         raise ValueError(
             f"mask must be bool of shape {tuple(predictions.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"

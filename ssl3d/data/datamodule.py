@@ -41,9 +41,9 @@ class JointSSLDataModule(pl.LightningDataModule):
     """Volumes for the 3D branch and slices plus 2D images for the 2D branch, validated before training.
 
     Data come from a decathlon-style ``datalist`` JSON, or ``data_dir`` searched with ``pattern``; 2D images
-    from ``images_dir``. With ``demo=True`` or no data at all, the built-in demo data are used: nilearn's MNI152
-    T1 template at 2 mm (written as NIfTI under ``demo_dir``, else ``<trainer root>/demo_data``, else the
-    temporary folder) and nibabel's test scan. Each demo scan is sliced along all three axes, and each
+    from ``images_dir``. With ``demo=True`` or no volumes given, the built-in demo volumes are used: nilearn's
+    MNI152 T1 template at 2 mm (written as NIfTI under ``demo_dir``, else ``<trainer root>/demo_data``, else
+    the temporary folder) and nibabel's test scan. Each demo scan is sliced along all three axes, and each
     (scan, axis) pair counts as a separate volume, because axial, coronal and sagittal stacks look different
     and two scans alone give too little variety; ``slice_axes`` does the same for real data.
 

@@ -179,7 +179,7 @@ class VolumeLoader:
             if kind == "nifti":
                 import nibabel as nib
 
-                nib.load(str(path)).header  # noqa: B018
+                nib.load(str(path))  # parses the header eagerly, the voxel data lazily
             elif kind == "numpy":
                 np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as error:

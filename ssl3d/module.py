@@ -48,7 +48,7 @@ class JointSSL(pl.LightningModule):
         prototypes_2d, prototypes_3d: clusters per head for the 2D and 3D agreement.
         projection_hidden, projection_dim: the 2D projection head (SwAV/DeepCluster-V2 use 2048 and 128).
         temperature, epsilon, sinkhorn_iterations: SwAV/DeepCluster-V2 settings (0.1, 0.05, 3).
-        queue_length: SwAV queue per view for the 2D (and 3D) agreement, 0 for none.
+        queue_length, queue_length_3d: SwAV queue per view for the 2D and the 3D agreement, 0 for none.
         queue_start_epoch: first epoch that uses a full queue.
         freeze_prototypes_steps: SwAV's frozen-prototype warm-up in optimizer steps.
         kmeans_iterations, kmeans_backend: DeepCluster-V2 k-means settings.
@@ -88,6 +88,7 @@ class JointSSL(pl.LightningModule):
         epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
         queue_length: int = 0,
+        queue_length_3d: int = 0,
         queue_start_epoch: int = 0,
         freeze_prototypes_steps: int = 313,
         kmeans_iterations: int = 10,
@@ -129,12 +130,12 @@ class JointSSL(pl.LightningModule):
         )
         self.masked_model = MaskedSliceModel(self.transformer, d_model)
         self.projection_2d = ProjectionHead(d_model, projection_hidden, projection_dim)
-        self.clustering_2d = self._make_clustering(projection_dim, prototypes_2d)
-        self.clustering_3d = self._make_clustering(d_model, prototypes_3d)
+        self.clustering_2d = self._make_clustering(projection_dim, prototypes_2d, queue_length)
+        self.clustering_3d = self._make_clustering(d_model, prototypes_3d, queue_length_3d)
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
 
-    def _make_clustering(self, dim: int, prototypes: list[int]) -> nn.Module:
+    def _make_clustering(self, dim: int, prototypes: list[int], queue_length: int) -> nn.Module:
         hp = self.hparams
         if hp.clustering == "swav":
             return SwAVClustering(
@@ -143,7 +144,7 @@ class JointSSL(pl.LightningModule):
                 temperature=hp.temperature,
                 epsilon=hp.epsilon,
                 sinkhorn_iterations=hp.sinkhorn_iterations,
-                queue_length=hp.queue_length,
+                queue_length=queue_length,
                 freeze_steps=hp.freeze_prototypes_steps,
             )
         if hp.clustering == "deepcluster":

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+from ssl3d.export import load_exported_encoder, load_state_dict_file
+from ssl3d.pretrain import main
+
+TINY_ARGS = [
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--model.backbone=test_efficientnet",
+    "--model.d_model=32",
+    "--model.num_layers=1",
+    "--model.heads=2",
+    "--model.dim_head=8",
+    "--model.ffn_hidden=32",
+    "--model.projection_hidden=32",
+    "--model.projection_dim=16",
+    "--model.prototypes_2d=[5]",
+    "--model.prototypes_3d=[2]",
+    "--data.num_slices=8",
+    "--data.size=[32,32]",
+    "--data.batch_size_2d=8",
+    "--data.samples_per_volume=1",
+]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_writes_the_whole_run_folder(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    summary = main([*TINY_ARGS, f"--run_dir={run_dir}", f"--data.demo_dir={tmp_path / 'demo'}"])
+    for name in ("config.yaml", "metrics.csv", "loss_curve.png", "probe.json", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "max_epochs: 2" in (run_dir / "config.yaml").read_text()
+
+    encoder = load_exported_encoder(run_dir / "encoder")
+    exported = load_state_dict_file(run_dir / "encoder" / "encoder.safetensors")
+    assert set(exported) == set(encoder.state_dict())
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    for key, value in exported.items():
+        torch.testing.assert_close(value, checkpoint["state_dict"][f"encoder.backbone.{key}"])
+
+    probe = json.loads((run_dir / "probe.json").read_text())
+    assert [row["features"] for row in probe] == ["pretrained encoder", "random encoder", "raw intensities"]
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in probe)
+    assert summary["steps"] == 4
+    out = capsys.readouterr().out
+    assert "Tissue kNN probe" in out and str(run_dir) in out
+
+
+def test_misspelt_config_key_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([*TINY_ARGS, "--model.lambda_intar=2", f"--run_dir={tmp_path}"])
+    assert "lambda_intar" in capsys.readouterr().err
+
+
+def test_misspelt_key_in_a_config_file_is_an_error(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  backbon: resnet18\n")
+    with pytest.raises(SystemExit):
+        main([f"--config={config}", f"--run_dir={tmp_path}"])
+    assert "backbon" in capsys.readouterr().err
+
+
+def test_more_clusters_than_volumes_fails_before_training(tmp_path):
+    args = [a for a in TINY_ARGS if not a.startswith("--model.prototypes_3d")]
+    with pytest.raises(ValueError, match="at least as many samples as clusters"):
+        main([*args, "--model.prototypes_3d=[500]", f"--run_dir={tmp_path / 'run'}", f"--data.demo_dir={tmp_path}"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_datalist_entry_pointing_nowhere_fails_before_training(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "missing_volume.nii.gz"}]}))
+    with pytest.raises(FileNotFoundError, match="missing_volume"):
+        main([*TINY_ARGS, f"--data.datalist={datalist}", f"--run_dir={tmp_path / 'run'}"])

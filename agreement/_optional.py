@@ -13,4 +13,6 @@ def optional_import(module: str, extra: str | None = None, purpose: str = "") ->
     except ImportError as error:
         hint = f"pip install 'agreement-ssl[{extra}]'" if extra else f"pip install {module}"
         what = f" for {purpose}" if purpose else ""
-        raise ImportError(f"{module!r} is needed{what} but is not installed; install it with: {hint}") from error
+        raise ImportError(
+            f"{module!r} is needed{what} but is not installed; install it with: {hint}"
+        ) from error

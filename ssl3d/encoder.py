@@ -38,7 +38,9 @@ class SliceEncoder(nn.Module):
             self.backbone.load_state_dict(load_state_dict_file(pretrained_path), strict=True)
         channels = [info["num_chs"] for info in self.backbone.feature_info]
         if num_levels < 1 or num_levels > len(channels):
-            raise ValueError(f"SliceEncoder: num_levels must be in 1..{len(channels)} for {backbone}, got {num_levels}")
+            raise ValueError(
+                f"SliceEncoder: num_levels must be in 1..{len(channels)} for {backbone}, got {num_levels}"
+            )
         self.multi_level = multi_level
         # Intermediate levels below the last; the last level is the backbone's final feature map, which includes
         # any head convolution (e.g. EfficientNet's conv_head), so that every backbone weight is trained.
@@ -68,7 +70,9 @@ class SliceEncoder(nn.Module):
     def embed_volumes(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, H, W) volumes -> (B, S, d_model) slice tokens."""
         if volumes.ndim != 5 or volumes.shape[1] != 1:
-            raise ValueError(f"SliceEncoder expects (B, 1, S, H, W) volumes, got shape {tuple(volumes.shape)}")
+            raise ValueError(
+                f"SliceEncoder expects (B, 1, S, H, W) volumes, got shape {tuple(volumes.shape)}"
+            )
         batch, _, slices, height, width = volumes.shape
         slices_as_images = volumes.transpose(1, 2).reshape(batch * slices, 1, height, width)
         return self(slices_as_images).view(batch, slices, self.d_model)

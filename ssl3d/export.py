@@ -29,7 +29,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_encoder(backbone: nn.Module, backbone_name: str, folder: str | Path, extra: dict | None = None) -> Path:
+def export_encoder(
+    backbone: nn.Module, backbone_name: str, folder: str | Path, extra: dict | None = None
+) -> Path:
     """Write ``encoder.safetensors`` and ``encoder.json`` (how to rebuild the timm model) under ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,13 @@ def export_encoder(backbone: nn.Module, backbone_name: str, folder: str | Path, 
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(weights)
-    metadata = {"timm_model": backbone_name, "in_chans": 1, "num_classes": 0, "weights": weights.name, **(extra or {})}
+    metadata = {
+        "timm_model": backbone_name,
+        "in_chans": 1,
+        "num_classes": 0,
+        "weights": weights.name,
+        **(extra or {}),
+    }
     (folder / "encoder.json").write_text(json.dumps(metadata, indent=2))
     return weights
 
@@ -52,7 +60,10 @@ def load_exported_encoder(path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{metadata_file} is missing; it says which timm model the weights belong to")
     metadata = json.loads(metadata_file.read_text())
     model = timm.create_model(
-        metadata["timm_model"], pretrained=False, in_chans=metadata["in_chans"], num_classes=metadata["num_classes"]
+        metadata["timm_model"],
+        pretrained=False,
+        in_chans=metadata["in_chans"],
+        num_classes=metadata["num_classes"],
     )
     model.load_state_dict(load_state_dict_file(folder / metadata["weights"]), strict=True)
     return model

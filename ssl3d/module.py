@@ -114,7 +114,9 @@ class JointSSL(pl.LightningModule):
         self.save_hyperparameters()
         if not 0.0 < mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
-        self.encoder = SliceEncoder(backbone, d_model, multi_level=multi_level, pretrained_path=pretrained_backbone)
+        self.encoder = SliceEncoder(
+            backbone, d_model, multi_level=multi_level, pretrained_path=pretrained_backbone
+        )
         self.transformer = SliceTransformer(
             d_model=d_model,
             num_layers=num_layers,
@@ -220,7 +222,9 @@ class JointSSL(pl.LightningModule):
         views = list(z.split(batch))
         return self._agreement(self.clustering_2d, views, slices["index"])
 
-    def _agreement(self, clustering: nn.Module, views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    def _agreement(
+        self, clustering: nn.Module, views: list[torch.Tensor], index: torch.Tensor
+    ) -> torch.Tensor:
         if isinstance(clustering, SwAVClustering):
             return clustering(views, use_queue=self.current_epoch >= self.hparams.queue_start_epoch)
         return clustering(views, index)
@@ -240,7 +244,9 @@ class JointSSL(pl.LightningModule):
             inter = self._agreement(self.clustering_3d, list(z.split(batch)), volumes["index"])
         if need_mask:
             # The same slices are masked in both views of a volume, as in the official code.
-            mask = random_slice_mask(batch, slices, self.hparams.mask_ratio, device=tokens.device).repeat(2, 1)
+            mask = random_slice_mask(batch, slices, self.hparams.mask_ratio, device=tokens.device).repeat(
+                2, 1
+            )
             inputs = tokens if self.hparams.mask_trains_encoder else tokens.detach()
             predictions = self.masked_model(inputs, mask)
             mask_loss = masked_embedding_regression(predictions, tokens.detach(), mask)

@@ -47,7 +47,10 @@ def write_mni152_nifti(folder: str | Path, resolution: int = 2) -> dict[str, Pat
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mni = load_mni152(resolution)
-    paths = {"image": folder / f"mni152_t1_{resolution}mm.nii.gz", "label": folder / f"mni152_tissue_{resolution}mm.nii.gz"}
+    paths = {
+        "image": folder / f"mni152_t1_{resolution}mm.nii.gz",
+        "label": folder / f"mni152_tissue_{resolution}mm.nii.gz",
+    }
     nib.save(nib.Nifti1Image(mni.t1, mni.affine), paths["image"])
     nib.save(nib.Nifti1Image(mni.tissue.astype(np.uint8), mni.affine), paths["label"])
     return paths

@@ -38,4 +38,6 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
     """
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
+        ]

@@ -69,7 +69,9 @@ def test_deepcluster_assigns_every_sample_after_the_first_epoch(tmp_path):
     assert (model.clustering_2d.assignments >= 0).all()
     assert (model.clustering_3d.assignments >= 0).all()
     # Prototypes were overwritten by unit-norm k-means centroids.
-    torch.testing.assert_close(model.clustering_3d.prototypes.weight(0).norm(dim=1), torch.ones(3), atol=0.2, rtol=0)
+    torch.testing.assert_close(
+        model.clustering_3d.prototypes.weight(0).norm(dim=1), torch.ones(3), atol=0.2, rtol=0
+    )
 
 
 def test_swav_prototypes_stay_fixed_while_frozen(tmp_path):
@@ -82,7 +84,9 @@ def test_swav_prototypes_stay_fixed_while_frozen(tmp_path):
 
 
 def test_curriculum_replays_the_three_stages():
-    model = JointSSL(schedule="curriculum", curriculum_epochs=(2, 3), lambda_intra=1.0, lambda_inter=2.0, **TINY_MODEL)
+    model = JointSSL(
+        schedule="curriculum", curriculum_epochs=(2, 3), lambda_intra=1.0, lambda_inter=2.0, **TINY_MODEL
+    )
     assert model.stage_weights(0) == (1.0, 0.0, 0.0)
     assert model.stage_weights(1) == (1.0, 0.0, 0.0)
     assert model.stage_weights(2) == (0.0, 0.0, 1.0)
@@ -107,12 +111,16 @@ def test_resume_reaches_the_same_losses(tmp_path, clustering, extra):
     config = {**TINY_MODEL, **extra, "clustering": clustering}
     pl.seed_everything(0)
     straight = StepLosses()
-    make_trainer(tmp_path / "a", 4, [straight], enable_checkpointing=False).fit(JointSSL(**config), TinyDataModule())
+    make_trainer(tmp_path / "a", 4, [straight], enable_checkpointing=False).fit(
+        JointSSL(**config), TinyDataModule()
+    )
 
     pl.seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, save_top_k=0)
     first = StepLosses()
-    make_trainer(tmp_path / "b", 4, [first, checkpoint, StopAfterEpochs(2)]).fit(JointSSL(**config), TinyDataModule())
+    make_trainer(tmp_path / "b", 4, [first, checkpoint, StopAfterEpochs(2)]).fit(
+        JointSSL(**config), TinyDataModule()
+    )
     pl.seed_everything(123)  # a resumed run must not depend on the seed of the new process
     resumed = StepLosses()
     make_trainer(tmp_path / "b", 4, [resumed]).fit(

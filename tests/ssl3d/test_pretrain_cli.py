@@ -68,7 +68,14 @@ def test_misspelt_key_in_a_config_file_is_an_error(tmp_path, capsys):
 def test_more_clusters_than_volumes_fails_before_training(tmp_path):
     args = [a for a in TINY_ARGS if not a.startswith("--model.prototypes_3d")]
     with pytest.raises(ValueError, match="at least as many samples as clusters"):
-        main([*args, "--model.prototypes_3d=[500]", f"--run_dir={tmp_path / 'run'}", f"--data.demo_dir={tmp_path}"])
+        main(
+            [
+                *args,
+                "--model.prototypes_3d=[500]",
+                f"--run_dir={tmp_path / 'run'}",
+                f"--data.demo_dir={tmp_path}",
+            ]
+        )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

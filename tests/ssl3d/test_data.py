@@ -527,3 +527,26 @@ def test_each_rank_caches_only_its_shard(tmp_path, monkeypatch):
         sampler = module.train_dataloader()["slices"].sampler
         assert (sampler.num_replicas, sampler.rank) == (2, rank)
     assert shards[0] | shards[1] == {0, 1, 2}
+
+
+def test_dicom_series_folder_loads_as_a_volume(tmp_path):
+    pydicom = pytest.importorskip("pydicom")  # part of the dev extra, so this runs in CI
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    series = tmp_path / "patient" / "series"
+    series.mkdir(parents=True)
+    series_uid = generate_uid()
+    for i in range(10):
+        ds = template.copy()
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [0.0, 0.0, 2.0 * i]
+        ds.SOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series_uid
+        ds.PixelData = (ds.pixel_array.astype(np.int16) + 10 * i).tobytes()
+        ds.save_as(series / f"{i}.dcm")
+    assert list_volumes(data_dir=str(tmp_path), pattern="**/*") == [series.resolve()]
+    volume = _loader()(series)
+    assert volume.shape == (1, 8, 16, 16)
+    assert float(volume.min()) >= 0.0 and float(volume.max()) <= 1.0

@@ -192,12 +192,15 @@ class JointSSL(pl.LightningModule):
         """(N, 1, H, W) -> (N, d_model) slice embeddings."""
         return self.encoder(self._images(images))
 
-    def embed_volumes(self, volumes: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, H, W) -> (B, d_model) unit-norm volume embeddings."""
+    def slice_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, H, W) volumes -> (B, S, d_model) slice tokens."""
         batch, _, slices, height, width = volumes.shape
         images = volumes.transpose(1, 2).reshape(batch * slices, 1, height, width)
-        tokens = self.embed_slices(images).view(batch, slices, -1)
-        return self.transformer.volume_embedding(tokens)
+        return self.embed_slices(images).view(batch, slices, -1)
+
+    def embed_volumes(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, H, W) -> (B, d_model) unit-norm volume embeddings."""
+        return self.transformer.volume_embedding(self.slice_tokens(volumes))
 
     # ---------------------------------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
@@ -232,12 +235,10 @@ class JointSSL(pl.LightningModule):
     def _volume_losses(
         self, volumes: dict[str, torch.Tensor], need_inter: bool, need_mask: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        batch, _, slices, height, width = volumes["view1"].shape
-        both = torch.cat([volumes["view1"], volumes["view2"]])
-        images = both.transpose(1, 2).reshape(2 * batch * slices, 1, height, width)
+        batch, _, slices = volumes["view1"].shape[:3]
         encoder_grad = need_inter or self.hparams.mask_trains_encoder
         with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
-            tokens = self.embed_slices(images).view(2 * batch, slices, -1)
+            tokens = self.slice_tokens(torch.cat([volumes["view1"], volumes["view2"]]))
         inter = mask_loss = None
         if need_inter:
             z = self.transformer.volume_embedding(tokens)

@@ -29,7 +29,6 @@ __all__ = [
     "SliceTransformer",
     "SliceTransformerLayer",
     "load_from_deformable_attention1d",
-    "masked_embedding_loss",
     "random_slice_mask",
 ]
 
@@ -460,27 +459,3 @@ class MaskedSliceModel(nn.Module):
             raise ValueError(f"mask must be bool of shape {tuple(tokens.shape[:2])}, got {got}")
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         return self.decoder(self.transformer(x))
-
-
-def masked_embedding_loss(
-    predictions: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    kind: Literal["mse", "l1", "smooth_l1"] = "mse",
-) -> Tensor:
-    """Mean elementwise loss over masked positions only; targets get no gradient (stop-gradient)."""
-    losses = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
-    if kind not in losses:
-        raise ValueError(f"kind must be one of {tuple(losses)}, got {kind!r}")
-    _check_tokens(predictions, "predictions")
-    if targets.shape != predictions.shape:
-        raise ValueError(
-            f"targets shape {tuple(targets.shape)} != predictions shape {tuple(predictions.shape)}"
-        )
-    if mask.dtype != torch.bool or mask.shape != predictions.shape[:2]:
-        raise ValueError(
-            f"mask must be bool of shape {tuple(predictions.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
-        )
-    if not mask.any():
-        raise ValueError("mask selects no positions")
-    return losses[kind](predictions[mask], targets.detach()[mask])

@@ -1,0 +1,199 @@
+"""``discover``: the three-stage pipeline on face embeddings, weak names and frames; a name per face."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from entities.metrics import evaluate, evaluate_expected
+from entities.names import UNKNOWN, Gazetteer, report_out_of_cast
+from entities.records import FaceRecords, RecordsError, stack_embeddings
+from entities.stages import (
+    Vote,
+    agree_on_names,
+    cluster_faces,
+    cluster_name_graph,
+    one_name_per_frame,
+    random_weak_labels,
+    refine_with_prototypes,
+    vote_scores,
+    weak_label_distribution,
+    weak_label_graph,
+)
+
+
+@dataclass
+class DiscoveryResult:
+    """Labels of every stage (class ids into ``classes``); iterating gives the final name per face."""
+
+    classes: list[str]
+    stage1: np.ndarray
+    stage1_probs: np.ndarray
+    clusters: np.ndarray
+    cluster_labels: np.ndarray
+    stage2: np.ndarray
+    stage3: np.ndarray
+    refine_passes: int
+    hungarian_changes: int
+
+    @property
+    def unknown_id(self) -> int:
+        return self.classes.index(UNKNOWN)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.classes[c] for c in self.stage3]
+
+    def stage_names(self, stage: int) -> list[str]:
+        labels = {1: self.stage1, 2: self.stage2, 3: self.stage3}[stage]
+        return [self.classes[c] for c in labels]
+
+    def __len__(self) -> int:
+        return len(self.stage3)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __getitem__(self, index: int) -> str:
+        return self.classes[self.stage3[index]]
+
+    def evaluate(self, true_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Metrics of every stage against ground-truth names (names outside the classes count as Unknown)."""
+        y_true = names_to_ids(true_names, self.classes)
+        unknown = self.unknown_id
+        return {
+            "stage 1: random weak label (expected)": evaluate_expected(
+                y_true, self.stage1_probs, self.classes, unknown
+            ),
+            "stage 1: random weak label (one draw)": evaluate(y_true, self.stage1, self.classes, unknown),
+            "stage 2: visual entity agreement": evaluate(y_true, self.stage2, self.classes, unknown),
+            "stage 3: prototype refinement": evaluate(y_true, self.stage3, self.classes, unknown),
+        }
+
+
+def names_to_ids(names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Class id of each name; names that are not classes map to Unknown."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = index[UNKNOWN]
+    return np.asarray([index.get(str(name), unknown) for name in names], dtype=np.int64)
+
+
+def default_k(num_classes: int, clusters_per_entity: int, num_faces: int) -> int:
+    """Over-cluster: ``clusters_per_entity`` clusters per class (the paper's k=30 is ~4 per class for 7 classes)."""
+    return max(1, min(num_faces, clusters_per_entity * num_classes))
+
+
+def discover(
+    embeddings: np.ndarray | Sequence[Sequence[float]],
+    weak_names: Sequence[Sequence[str]],
+    frames: Sequence[Any],
+    cast: Sequence[str] | Gazetteer,
+    *,
+    k: int | None = None,
+    clusters_per_entity: int = 4,
+    vote: Vote = "majority",
+    frequency_power: float = 1.0,
+    one_name_per_face_per_frame: bool = False,
+    refine_target: Literal["most_frequent", "all"] = "most_frequent",
+    refine_iterations: int = 10,
+    distance: Literal["euclidean", "cosine"] = "euclidean",
+    normalize: bool = True,
+    kmeans_iterations: int = 20,
+    kmeans_restarts: int = 1,
+    backend: Literal["torch", "faiss"] = "torch",
+    seed: int = 0,
+) -> DiscoveryResult:
+    """Name every face from its embedding, the weak names of its frame's caption, and the other faces.
+
+    Args:
+        embeddings: (faces, dim) face embeddings.
+        weak_names: per face, the name tokens of the caption(s) aligned with its frame (may be empty).
+        frames: per face, the key of its frame or caption window (faces of one frame share a bipartite graph).
+        cast: the main people (a list of names or a ``Gazetteer``); other names become "Unknown".
+        k: number of k-means clusters; default ``clusters_per_entity * (len(cast) + 1)``.
+        vote: ``"majority"`` (official) or ``"frequency"`` (votes divided by name frequency ** ``frequency_power``).
+        one_name_per_face_per_frame: Hungarian matching so that a cast name labels at most one face per frame.
+        refine_target: which faces stage 3 may move (see ``refine_with_prototypes``).
+        refine_iterations: maximum stage-3 passes (1 = the official single pass).
+        normalize: L2-normalise embeddings first (the paper's FaceNet embeddings are unit vectors).
+        seed: seeds k-means and the random stage-1 draw.
+
+    Returns:
+        A ``DiscoveryResult``: a sequence of final names, with every stage's labels.
+    """
+    gazetteer = cast if isinstance(cast, Gazetteer) else Gazetteer(cast)
+    n = len(weak_names)
+    if len(frames) != n:
+        raise RecordsError(f"{len(frames)} frame keys for {n} weak-name lists")
+    x = embeddings if isinstance(embeddings, np.ndarray) else stack_embeddings(list(embeddings), "embeddings")
+    if x.ndim != 2 or x.shape[0] != n:
+        raise RecordsError(f"embeddings have shape {x.shape}, expected ({n}, dim)")
+    if n == 0:
+        raise RecordsError("no faces to name")
+    if not np.isfinite(x).all():
+        raise RecordsError("embeddings contain NaN or inf")
+    x = x.astype(np.float64)
+    if normalize:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise RecordsError(f"{int((norms == 0).sum())} embeddings are all zeros and cannot be normalised")
+        x = x / norms
+    report_out_of_cast(weak_names, gazetteer)
+    classes = gazetteer.classes
+    unknown = gazetteer.unknown_id
+    weak_ids = [gazetteer.class_ids(names) for names in weak_names]
+    frame_keys: dict[Any, int] = {}
+    frame_ids = np.asarray([frame_keys.setdefault(f, len(frame_keys)) for f in frames], dtype=np.int64)
+
+    # Stage 1: per-frame complete bipartite graphs, read off as a face-by-name weight matrix.
+    weak = weak_label_graph(weak_ids, len(classes))
+    stage1_probs = weak_label_distribution(weak, unknown)
+    stage1 = random_weak_labels(weak_ids, unknown, seed)
+    if weak.row_sums().sum() == 0:
+        warnings.warn("no face has a weak name: every stage predicts Unknown", stacklevel=2)
+
+    # Stage 2: over-cluster, then each cluster agrees on one name.
+    k = default_k(len(classes), clusters_per_entity, n) if k is None else k
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if k > n:
+        warnings.warn(f"k={k} is larger than the number of faces ({n}); using k={n}", stacklevel=2)
+        k = n
+    clusters = cluster_faces(x.astype(np.float32), k, kmeans_iterations, kmeans_restarts, seed, backend)
+    scores = vote_scores(cluster_name_graph(clusters, weak, k), vote, frequency_power)
+    cluster_labels = agree_on_names(scores, unknown)
+    stage2 = cluster_labels[clusters]
+    changes = 0
+    if one_name_per_face_per_frame:
+        totals = scores.sum(axis=1, keepdims=True)
+        face_scores = np.divide(scores, totals, out=np.zeros_like(scores), where=totals > 0)[clusters]
+        stage2, changes = one_name_per_frame(frame_ids, face_scores, stage2, unknown)
+
+    # Stage 3: prototypes of the agreed entities pull faces of the target entities to their nearest one.
+    stage3, passes = refine_with_prototypes(
+        x, stage2, len(classes), refine_target, refine_iterations, distance
+    )
+    return DiscoveryResult(
+        classes=list(classes),
+        stage1=stage1,
+        stage1_probs=stage1_probs,
+        clusters=clusters,
+        cluster_labels=cluster_labels,
+        stage2=stage2,
+        stage3=stage3,
+        refine_passes=passes,
+        hungarian_changes=changes,
+    )
+
+
+def discover_records(
+    records: FaceRecords, cast: Sequence[str] | Gazetteer, **options: Any
+) -> DiscoveryResult:
+    """``discover`` on ``FaceRecords`` (which must carry embeddings)."""
+    if records.embeddings is None:
+        raise RecordsError(f"{records.source}: the records have no embeddings; stages 2 and 3 need them")
+    return discover(records.embeddings, records.weak_names, records.frames, cast, **options)

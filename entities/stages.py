@@ -1,0 +1,247 @@
+"""The three stages of self-contained entity discovery (Ayoughi, Mettes, Groth), as pure seedable functions.
+
+1. ``weak_label_graph``: per frame (or caption window), a bipartite graph between its faces and the names of
+   its caption; the face-by-name edge weights are co-occurrence counts (duplicates count, as in the paper).
+2. ``cluster_faces`` + ``agree_on_names``: k-means over face embeddings, then one name per cluster voted from
+   the weak labels of its members (cluster-by-name co-occurrence graph), optionally with one cast name per face
+   per frame by Hungarian matching (``one_name_per_frame``).
+3. ``refine_with_prototypes``: one prototype per agreed entity; faces of the target entities move to the
+   nearest prototype, and prototypes are recomputed until no label changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from agreement.kmeans import inertia, kmeans
+from agreement.matching import BipartiteGraph, hungarian_match
+
+Vote = Literal["majority", "frequency"]
+
+
+def weak_label_graph(weak_ids: Sequence[Sequence[int]], num_classes: int) -> BipartiteGraph:
+    """Faces x classes graph whose weight ``W[i, c]`` counts how often class ``c`` is among face i's weak names.
+
+    Every face of a frame is linked to every name of the frame's caption (the complete bipartite graph of the
+    frame), so a face's row is the multiset of its caption's names; faces without names have an empty row.
+    """
+    rows = np.repeat(np.arange(len(weak_ids)), [len(ids) for ids in weak_ids])
+    cols = np.fromiter((c for ids in weak_ids for c in ids), dtype=np.int64, count=len(rows))
+    if cols.size and (cols.min() < 0 or cols.max() >= num_classes):
+        raise ValueError(f"weak label ids must lie in [0, {num_classes})")
+    matrix = sp.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(weak_ids), num_classes)).tocsr()
+    return BipartiteGraph(matrix)
+
+
+def weak_label_distribution(graph: BipartiteGraph, unknown_id: int) -> np.ndarray:
+    """``P(name | face)`` of the random-weak-label baseline: uniform over the weak list, "Unknown" if empty."""
+    probs = graph.normalize_rows().to_dense()
+    probs[graph.row_sums() == 0, unknown_id] = 1.0
+    return probs
+
+
+def random_weak_labels(weak_ids: Sequence[Sequence[int]], unknown_id: int, seed: int = 0) -> np.ndarray:
+    """Stage-1 baseline: one entry drawn uniformly from each face's weak list (duplicates kept), else Unknown."""
+    rng = np.random.default_rng(seed)
+    return np.asarray(
+        [ids[rng.integers(len(ids))] if len(ids) else unknown_id for ids in weak_ids], dtype=np.int64
+    )
+
+
+def greedy_kmeans_pp(x: torch.Tensor, k: int, seed: int = 0, sample: int = 20_000) -> torch.Tensor:
+    """Greedy k-means++ seeding (the scikit-learn variant: 2 + log k candidates per step, keep the one that
+    lowers the potential most) on a random subsample of at most ``sample`` points.
+
+    Written here because the plain D^2 seeding of ``agreement.kmeans`` samples one candidate per step, which
+    on skewed identity frequencies often merges two people into one cluster.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if x.shape[0] > sample:
+        x = x[torch.randperm(x.shape[0], generator=generator)[:sample]]
+    trials = 2 + int(np.log(k))
+    sq = (x * x).sum(1)
+    first = int(torch.randint(x.shape[0], (1,), generator=generator))
+    centres = [first]
+    closest = (sq - 2 * x @ x[first] + sq[first]).clamp_min_(0)
+    for _ in range(1, k):
+        total = closest.sum()
+        probs = closest / total if total > 0 else torch.full_like(closest, 1.0 / len(closest))
+        candidates = torch.multinomial(probs, trials, replacement=True, generator=generator)
+        dist = (sq[None] - 2 * x[candidates] @ x.T + sq[candidates, None]).clamp_min_(0)
+        potentials = torch.minimum(closest[None], dist)
+        best = int(potentials.sum(1).argmin())
+        centres.append(int(candidates[best]))
+        closest = potentials[best]
+    return x[centres].clone()
+
+
+def cluster_faces(
+    embeddings: np.ndarray,
+    k: int,
+    iterations: int = 20,
+    restarts: int = 1,
+    seed: int = 0,
+    backend: Literal["torch", "faiss"] = "torch",
+) -> np.ndarray:
+    """k-means cluster id per face (``agreement.kmeans``, greedy k-means++ seeds); the best of ``restarts``
+    seeds by inertia. Euclidean k-means on L2-normalised embeddings, as the paper: spherical k-means (unit
+    centroids) lets the many small minor-character groups leak into the big cast clusters."""
+    points = torch.nn.functional.normalize(
+        torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1
+    )
+    k = min(k, points.shape[0])
+    best: tuple[float, torch.Tensor] | None = None
+    for restart in range(max(1, restarts)):
+        init = greedy_kmeans_pp(points, k, seed + restart)
+        centroids, assignments = kmeans(
+            points, k, iterations=iterations, spherical=False, init=init, seed=seed + restart, backend=backend
+        )
+        score = inertia(points, centroids, assignments)
+        if best is None or score < best[0]:
+            best = (score, assignments)
+    assert best is not None
+    return best[1].numpy().astype(np.int64)
+
+
+def cluster_name_graph(clusters: np.ndarray, weak: BipartiteGraph, num_clusters: int) -> BipartiteGraph:
+    """Clusters x classes graph: summed weak-label counts of each cluster's faces."""
+    membership = sp.csr_matrix(
+        (np.ones(len(clusters)), (clusters, np.arange(len(clusters)))), shape=(num_clusters, len(clusters))
+    )
+    weights = weak.weights if weak.is_sparse else sp.csr_matrix(weak.weights)
+    return BipartiteGraph(sp.csr_matrix(membership @ weights))
+
+
+def vote_scores(graph: BipartiteGraph, vote: Vote = "majority", frequency_power: float = 1.0) -> np.ndarray:
+    """Cluster-by-class vote scores.
+
+    ``majority`` is the official rule: the raw co-occurrence counts. ``frequency`` divides the votes for each
+    name by (its total number of mentions) ** ``frequency_power``: a name that is said everywhere (the lead
+    character, or "Unknown" for the many minor people) no longer wins every cluster by volume, and a cluster
+    goes to the name that is over-represented in it.
+    """
+    counts = graph.to_dense()
+    if vote == "majority":
+        return counts
+    if vote == "frequency":
+        totals = counts.sum(axis=0)
+        scale = np.divide(1.0, totals**frequency_power, out=np.zeros_like(totals), where=totals > 0)
+        return counts * scale[None, :]
+    raise ValueError(f"vote must be 'majority' or 'frequency', got {vote!r}")
+
+
+def agree_on_names(scores: np.ndarray, unknown_id: int) -> np.ndarray:
+    """Winning class per cluster (lowest class id on ties); clusters without any weak name get Unknown."""
+    labels = BipartiteGraph(scores).best_right_for_left()
+    labels[labels < 0] = unknown_id
+    return labels
+
+
+def one_name_per_frame(
+    frame_ids: np.ndarray, face_scores: np.ndarray, labels: np.ndarray, unknown_id: int
+) -> tuple[np.ndarray, int]:
+    """Within each frame, give every cast name to at most one face by Hungarian matching on ``face_scores``.
+
+    ``face_scores`` (faces x classes) are the row-normalised vote scores of each face's cluster; "Unknown" may be
+    given to any number of faces. Returns the new labels and how many faces changed.
+    """
+    labels = labels.copy()
+    num_classes = face_scores.shape[1]
+    cast_ids = np.asarray([c for c in range(num_classes) if c != unknown_id])
+    order = np.argsort(frame_ids, kind="stable")
+    bounds = np.flatnonzero(np.diff(frame_ids[order])) + 1
+    changed = 0
+    for faces in np.split(order, bounds):
+        if len(faces) < 2:
+            continue
+        current = labels[faces]
+        named = current[current != unknown_id]
+        if len(named) == len(np.unique(named)):
+            continue
+        scores = face_scores[faces]
+        # Columns: each cast name once, then one "Unknown" slot per face. A tiny bonus for the current label
+        # keeps it whenever it is not in conflict; a tiny Unknown prior sends faces with no evidence there.
+        bonus = np.zeros_like(scores)
+        bonus[np.arange(len(faces)), current] = 1e-9
+        matrix = np.concatenate(
+            [
+                (scores + bonus)[:, cast_ids],
+                np.repeat((scores + bonus)[:, [unknown_id]] + 1e-12, len(faces), 1),
+            ],
+            axis=1,
+        )
+        rows, cols = hungarian_match(matrix, maximize=True)
+        new = np.where(cols < len(cast_ids), cast_ids[np.minimum(cols, len(cast_ids) - 1)], unknown_id)
+        changed += int((labels[faces[rows]] != new).sum())
+        labels[faces[rows]] = new
+    return labels, changed
+
+
+def _prototypes(
+    embeddings: np.ndarray, labels: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    sums = np.zeros((num_classes, embeddings.shape[1]))
+    np.add.at(sums, labels, embeddings)
+    counts = np.bincount(labels, minlength=num_classes)
+    present = counts > 0
+    sums[present] /= counts[present, None]
+    return sums, present
+
+
+def refine_with_prototypes(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    target: Literal["most_frequent", "all"] | Sequence[int] = "most_frequent",
+    max_iterations: int = 10,
+    distance: Literal["euclidean", "cosine"] = "euclidean",
+) -> tuple[np.ndarray, int]:
+    """Stage 3: move faces to the nearest entity prototype, recomputing prototypes until labels are stable.
+
+    Prototypes are the mean embeddings of the faces of each agreed entity (entities without faces have none).
+    ``target`` picks the faces that may move: those whose agreed entity is the most frequent one (the general
+    form of the official rule, which hard-codes one entity and makes a single pass, i.e. ``max_iterations=1``),
+    all faces, or the faces of the given class ids. Returns the labels and the number of passes made.
+    """
+    if max_iterations < 0:
+        raise ValueError(f"max_iterations must be >= 0, got {max_iterations}")
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    x = np.asarray(embeddings, dtype=np.float64)
+    if distance == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    elif distance != "euclidean":
+        raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+    if isinstance(target, str):
+        if target == "most_frequent":
+            movable = labels == np.bincount(labels, minlength=num_classes).argmax()
+        elif target == "all":
+            movable = np.ones(len(labels), dtype=bool)
+        else:
+            raise ValueError(f"target must be 'most_frequent', 'all' or a list of class ids, got {target!r}")
+    else:
+        movable = np.isin(labels, np.asarray(list(target), dtype=np.int64))
+    index = np.flatnonzero(movable)
+    passes = 0
+    while passes < max_iterations:
+        passes += 1
+        prototypes, present = _prototypes(x, labels, num_classes)
+        if distance == "cosine":
+            prototypes = prototypes / np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
+            dist = -x[index] @ prototypes.T
+        else:
+            dist = (
+                (x[index] ** 2).sum(1, keepdims=True)
+                - 2 * x[index] @ prototypes.T
+                + (prototypes**2).sum(1)[None]
+            )
+        dist[:, ~present] = np.inf
+        new = dist.argmin(axis=1)
+        if np.array_equal(new, labels[index]):
+            break
+        labels[index] = new
+    return labels, passes

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from entities.pipeline import discover, discover_records
+from entities.records import FaceRecords, RecordsError, load_records, records_from_rows, save_records
+from entities.stages import (
+    agree_on_names,
+    cluster_name_graph,
+    one_name_per_frame,
+    random_weak_labels,
+    refine_with_prototypes,
+    vote_scores,
+    weak_label_distribution,
+    weak_label_graph,
+)
+from entities.synthetic import EpisodeConfig, make_episode
+
+
+def test_weak_label_graph_counts_duplicates_and_baseline():
+    weak = weak_label_graph([[0, 0, 2], [], [1]], num_classes=3)
+    np.testing.assert_array_equal(weak.to_dense(), [[2, 0, 1], [0, 0, 0], [0, 1, 0]])
+    probs = weak_label_distribution(weak, unknown_id=2)
+    np.testing.assert_allclose(probs, [[2 / 3, 0, 1 / 3], [0, 0, 1], [0, 1, 0]])
+    draws = np.stack([random_weak_labels([[0, 0, 2], [], [1]], 2, seed) for seed in range(300)])
+    assert (draws[:, 1] == 2).all() and (draws[:, 2] == 1).all()
+    assert 0.55 < (draws[:, 0] == 0).mean() < 0.78
+
+
+def test_majority_and_frequency_votes():
+    # Cluster 0: Unknown is said everywhere, so it wins by volume; the frequency vote picks the name that is
+    # over-represented in the cluster instead. Cluster 2 has no names at all.
+    weak = weak_label_graph([[2, 2, 0], [2, 0], [2, 2], [2, 2, 1], [1]], 3)
+    clusters = np.array([0, 0, 1, 1, 1])
+    graph = cluster_name_graph(clusters, weak, num_clusters=3)
+    np.testing.assert_array_equal(graph.to_dense(), [[2, 0, 3], [0, 2, 4], [0, 0, 0]])
+    assert agree_on_names(vote_scores(graph, "majority"), unknown_id=2).tolist() == [2, 2, 2]
+    assert agree_on_names(vote_scores(graph, "frequency", 1.0), unknown_id=2).tolist() == [0, 1, 2]
+
+
+def test_one_name_per_frame_hungarian():
+    # Two faces of one frame both agreed "0"; the second face's cluster also supports "1".
+    scores = np.array([[0.9, 0.0, 0.1], [0.6, 0.4, 0.0], [0.7, 0.3, 0.0]])
+    labels, changed = one_name_per_frame(np.array([0, 0, 1]), scores, np.array([0, 0, 0]), unknown_id=2)
+    assert labels.tolist() == [0, 1, 0] and changed == 1
+
+
+def test_prototype_refinement_single_pass_matches_official_rule():
+    x = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [4.8, 5.0], [0.2, 0.1], [5.1, 4.9], [9.0, 0.0]])
+    stage2 = np.array([0, 0, 1, 1, 2, 2, 2])  # class 2 (most frequent) holds one face of each other class
+    # By hand: prototypes are class means; faces of class 2 go to the nearest one, the others stay.
+    protos = np.array([x[stage2 == c].mean(0) for c in range(3)])
+    nearest = ((x[stage2 == 2, None] - protos[None]) ** 2).sum(-1).argmin(1)
+    one_pass, passes = refine_with_prototypes(x, stage2, 3, "most_frequent", max_iterations=1)
+    assert one_pass[:4].tolist() == [0, 0, 1, 1] and one_pass[4:].tolist() == nearest.tolist() == [0, 1, 2]
+    assert passes == 1
+    stable, passes = refine_with_prototypes(x, stage2, 3, "most_frequent", max_iterations=10)
+    assert stable.tolist() == [0, 0, 1, 1, 0, 1, 2] and passes == 2
+
+
+def test_discover_on_synthetic_episode_beats_the_weak_baseline():
+    records, cast = make_episode(EpisodeConfig(num_scenes=60))
+    result = discover_records(records, cast, seed=0)
+    assert len(result) == len(records) and set(result) <= set(cast) | {"Unknown"}
+    metrics = result.evaluate(records.labels)
+    stage1 = metrics["stage 1: random weak label (expected)"]
+    stage2 = metrics["stage 2: visual entity agreement"]
+    stage3 = metrics["stage 3: prototype refinement"]
+    assert stage2["accuracy"] > stage1["accuracy"] + 0.25
+    assert (
+        stage3["mean_per_class_accuracy_without_unknown"] > stage2["mean_per_class_accuracy_without_unknown"]
+    )
+    again = discover_records(records, cast, seed=0)
+    np.testing.assert_array_equal(again.stage3, result.stage3)
+
+
+def test_records_round_trip_json_and_parquet(tmp_path):
+    records, _ = make_episode(EpisodeConfig(num_scenes=4))
+    for name in ("faces.json", "faces.parquet"):
+        path = save_records(records, tmp_path / name)
+        loaded = load_records(path)
+        assert loaded.frames == records.frames and loaded.weak_names == records.weak_names
+        assert loaded.labels == records.labels
+        np.testing.assert_allclose(loaded.embeddings, records.embeddings, rtol=1e-6)
+
+
+def test_embeddings_of_mixed_dimension_raise():
+    rows = [
+        {"frame": 0, "names": ["A"], "embedding": [0.1, 0.2, 0.3]},
+        {"frame": 0, "names": ["A"], "embedding": [0.1, 0.2]},
+        {"frame": 1, "names": [], "embedding": [0.3, 0.2]},
+    ]
+    with pytest.raises(
+        RecordsError, match=r"mixed dimensions \(2 faces of dimension 2, 1 faces of dimension 3\)"
+    ):
+        records_from_rows(rows, "faces.json")
+    with pytest.raises(RecordsError, match="mixed dimensions"):
+        discover([[0.1, 0.2, 0.3], [0.1, 0.2]], [["A"], []], [0, 1], ["A"])
+
+
+def test_discover_clamps_k_and_handles_faces_without_names():
+    records = FaceRecords(
+        frames=["f0", "f0", "f1"],
+        weak_names=[[], [], []],
+        embeddings=np.eye(3, dtype=np.float32),
+    )
+    with pytest.warns(UserWarning, match="no face has a weak name"):
+        result = discover_records(records, ["A"], k=2)
+    assert list(result) == ["Unknown"] * 3

@@ -1,0 +1,146 @@
+"""Training-step time and peak memory of PromptSRC against IVLP (same prompts, CE only).
+
+PromptSRC adds two frozen passes per step: the frozen image features (no autograd graph; reduced precision on
+GPU) and the cached 60-template text features (computed once per class list, so not in the step). The target is a
+step time of at most 1.25x IVLP's.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from prompts.module import IVLP, PromptSRC
+
+DEMO = {
+    "model_name": "prompts-demo-vit",
+    "text_depth": 3,
+    "vision_depth": 3,
+    "classes": 5,
+    "batch": 4,
+    "size": 32,
+}
+GPU = {
+    "model_name": "ViT-B-16-quickgelu",
+    "text_depth": 9,
+    "vision_depth": 9,
+    "classes": 50,
+    "batch": 4,
+    "size": 224,
+}
+
+
+def _saved_bytes(module, images, labels) -> int:
+    """Bytes the autograd graph keeps for backward in one training step (activation memory)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module.compute_loss(images, labels)["loss"]
+    return total
+
+
+def _step(module, optimizer, images, labels) -> float:
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    module.compute_loss(images, labels)["loss"].backward()
+    optimizer.step()
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _compare(setting: dict[str, Any], device: str, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    """IVLP and PromptSRC measured in alternating rounds, so that load changes on a shared machine hit both."""
+    torch.manual_seed(0)
+    names = [f"class {i}" for i in range(setting["classes"])]
+    kwargs = {k: setting[k] for k in ("model_name", "text_depth", "vision_depth")}
+    modules = {"IVLP": IVLP(classnames=names, **kwargs), "PromptSRC": PromptSRC(classnames=names, **kwargs)}
+    images = torch.randn(setting["batch"], 3, setting["size"], setting["size"], device=device)
+    labels = torch.randint(0, len(names), (setting["batch"],), device=device)
+    optimizers, times, memory = {}, {name: [] for name in modules}, {}
+    for name, module in modules.items():
+        module.to(device)
+        module.model.set_classnames(names)  # re-tokenise on the device
+        if isinstance(module, PromptSRC) and module.regularised:
+            module.teacher_text_features()  # computed once per class list, as in training
+        params = list(module.model.prompt_parameters().values())
+        optimizers[name] = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        _step(module, optimizers[name], images, labels)  # warm-up
+        memory[name] = {"autograd_saved_mib": _saved_bytes(module, images, labels) / 2**20}
+    for _ in range(rounds):
+        for name, module in modules.items():
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            times[name] += [_step(module, optimizers[name], images, labels) for _ in range(steps)]
+            if device.startswith("cuda"):
+                memory[name]["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    out = {}
+    for name in modules:
+        out[name] = {
+            "median_step_s": statistics.median(times[name]),
+            "min_step_s": min(times[name]),
+            **memory[name],
+        }
+    del modules, optimizers
+    gc.collect()
+    return out
+
+
+def run_prompts_benchmark(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Median training-step time (forward, backward, SGD step) and activation memory of PromptSRC and IVLP.
+
+    On CPU the measurement runs single-threaded (restored afterwards): on a shared machine, several intra-op
+    threads make timings depend on other processes far more than on the code. Returns a JSON-able dict with
+    ``rows`` for a table.
+    """
+    rounds, steps = (3, 3) if quick else (8, 5)
+    settings = [("demo config", DEMO, "cpu")]
+    if device.startswith("cuda") and torch.cuda.is_available():
+        settings.append(("ViT-B/16, 50 classes", GPU, device))
+    threads = torch.get_num_threads()
+    rows, results = [], {}
+    try:
+        for label, setting, dev in settings:
+            torch.set_num_threads(1 if dev == "cpu" else threads)
+            measured = _compare(setting, dev, rounds, steps)
+            ratio = measured["PromptSRC"]["median_step_s"] / measured["IVLP"]["median_step_s"]
+            results[label] = {
+                **measured,
+                "ratio": ratio,
+                "target": 1.25,
+                "meets_target": ratio <= 1.25,
+                "device": dev,
+            }
+            for name, r in measured.items():
+                rows.append(
+                    {
+                        "setting": label,
+                        "device": dev,
+                        "method": name,
+                        "step ms (median)": round(1000 * r["median_step_s"], 2),
+                        "autograd MiB": round(r["autograd_saved_mib"], 2),
+                        "peak CUDA MiB": round(r["peak_cuda_mib"], 1) if "peak_cuda_mib" in r else "",
+                        "PromptSRC / IVLP": round(ratio, 3) if name == "PromptSRC" else "",
+                    }
+                )
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "benchmark": "prompts",
+        "quick": quick,
+        "rounds": rounds,
+        "steps": steps,
+        "results": results,
+        "rows": rows,
+    }

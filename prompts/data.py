@@ -1,0 +1,588 @@
+"""Few-shot data: the CoOp/Dassl dataset folders and split files, ImageFolder and CSV datasets, the built-in digits
+demo, few-shot sampling per (shots, seed) and the base-to-novel class split.
+
+Rules follow the official code: few-shot sampling is done per label (in order of first appearance) with
+``random.sample`` from a generator seeded with the run seed, train with K shots then val with min(K, 4), on all
+classes *before* the base/novel split, and cached per (K, seed). Base = the first ceil(n/2) sorted train labels,
+novel = the rest, each relabelled to 0..k-1 and evaluated in its own label space.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
+
+from agreement import dist
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+@dataclass(frozen=True)
+class Item:
+    impath: str
+    label: int
+    classname: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    folder: str
+    image_dir: str
+    split_file: str | None = None
+    kind: str = "split_json"  # split_json | aircraft | imagenet | imagenet_variant
+
+
+# CoOp's DATASETS.md layout: <root>/<folder>/<image_dir>, split file in <root>/<folder>/.
+DATASETS: dict[str, DatasetInfo] = {
+    "OxfordPets": DatasetInfo("oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    "Caltech101": DatasetInfo("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "StanfordCars": DatasetInfo("stanford_cars", "", "split_zhou_StanfordCars.json"),
+    "OxfordFlowers": DatasetInfo("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    "Food101": DatasetInfo("food-101", "images", "split_zhou_Food101.json"),
+    "SUN397": DatasetInfo("sun397", "SUN397", "split_zhou_SUN397.json"),
+    "DescribableTextures": DatasetInfo("dtd", "images", "split_zhou_DescribableTextures.json"),
+    "EuroSAT": DatasetInfo("eurosat", "2750", "split_zhou_EuroSAT.json"),
+    "UCF101": DatasetInfo("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    "FGVCAircraft": DatasetInfo("fgvc_aircraft", "images", kind="aircraft"),
+    "ImageNet": DatasetInfo("imagenet", "images", kind="imagenet"),
+    "ImageNetV2": DatasetInfo(
+        "imagenetv2", "imagenetv2-matched-frequency-format-val", kind="imagenet_variant"
+    ),
+    "ImageNetSketch": DatasetInfo("imagenet-sketch", "images", kind="imagenet_variant"),
+    "ImageNetA": DatasetInfo("imagenet-adversarial", "imagenet-a", kind="imagenet_variant"),
+    "ImageNetR": DatasetInfo("imagenet-rendition", "imagenet-r", kind="imagenet_variant"),
+    "Digits": DatasetInfo("sklearn_digits", "images", "split_zhou_Digits.json"),
+}
+ALIASES = {
+    "flowers102": "OxfordFlowers",
+    "dtd": "DescribableTextures",
+    "aircraft": "FGVCAircraft",
+    "imagenet-v2": "ImageNetV2",
+    "imagenet-sketch": "ImageNetSketch",
+    "imagenet-a": "ImageNetA",
+    "imagenet-r": "ImageNetR",
+    "digits": "Digits",
+}
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def canonical_name(dataset: str) -> str:
+    """Registry name of ``dataset`` (case-insensitive, common aliases); ``imagefolder`` and ``csv`` pass through."""
+    if dataset.lower() in ("imagefolder", "csv"):
+        return dataset.lower()
+    lookup = {k.lower(): k for k in DATASETS} | {k: v for k, v in ALIASES.items()}
+    key = dataset.lower()
+    if key not in lookup:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}, or 'imagefolder' / 'csv' with a root"
+        )
+    return lookup[key]
+
+
+# ---------------------------------------------------------------------------------------------- readers
+def _items_from_json(entries: list, image_dir: Path) -> list[Item]:
+    return [Item(str(image_dir / impath), int(label), str(name)) for impath, label, name in entries]
+
+
+def read_split_json(split_file: Path, image_dir: Path) -> dict[str, list[Item]]:
+    """CoOp's ``split_zhou_*.json``: ``{"train"|"val"|"test": [[relative path, label, classname], ...]}``."""
+    if not split_file.is_file():
+        raise FileNotFoundError(f"split file {split_file} not found (see CoOp's DATASETS.md for the layout)")
+    with open(split_file) as handle:
+        raw = json.load(handle)
+    missing = [k for k in ("train", "test") if k not in raw]
+    if missing:
+        raise ValueError(f"split file {split_file} lacks the {missing} lists")
+    return {k: _items_from_json(raw.get(k, []), image_dir) for k in ("train", "val", "test")}
+
+
+def _read_aircraft(base: Path, image_dir: Path) -> dict[str, list[Item]]:
+    variants_file = base / "variants.txt"
+    if not variants_file.is_file():
+        raise FileNotFoundError(f"{variants_file} not found (FGVCAircraft layout of CoOp's DATASETS.md)")
+    classnames = [line.strip() for line in variants_file.read_text().splitlines() if line.strip()]
+    index = {name: i for i, name in enumerate(classnames)}
+    splits = {}
+    for split in ("train", "val", "test"):
+        items = []
+        for line in (base / f"images_variant_{split}.txt").read_text().splitlines():
+            if line.strip():
+                image, name = line.strip().split(" ", 1)
+                if name not in index:
+                    raise ValueError(
+                        f"{base / f'images_variant_{split}.txt'}: variant {name!r} not in variants.txt"
+                    )
+                items.append(Item(str(image_dir / f"{image}.jpg"), index[name], name))
+        splits[split] = items
+    return splits
+
+
+def _imagenet_classnames(*candidates: Path) -> dict[str, str]:
+    for path in candidates:
+        if path.is_file():
+            names = {}
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    wnid, name = line.strip().split(" ", 1)
+                    names[wnid] = name
+            return names
+    raise FileNotFoundError(f"ImageNet classnames.txt not found in any of {[str(p) for p in candidates]}")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _read_imagenet(root: Path, base: Path, image_dir: Path) -> dict[str, list[Item]]:
+    names = _imagenet_classnames(base / "classnames.txt")
+    splits: dict[str, list[Item]] = {}
+    for split, folder in (("train", "train"), ("test", "val")):
+        items = []
+        for label, wnid in enumerate(names):
+            sub = image_dir / folder / wnid
+            if not sub.is_dir():
+                raise FileNotFoundError(f"ImageNet class folder {sub} is missing")
+            items += [Item(str(p), label, names[wnid]) for p in _list_images(sub)]
+        splits[split] = items
+    splits["val"] = splits["test"]
+    return splits
+
+
+def _read_imagenet_variant(root: Path, base: Path, image_dir: Path, name: str) -> dict[str, list[Item]]:
+    names = _imagenet_classnames(base / "classnames.txt", root / "imagenet" / "classnames.txt")
+    wnids = list(names)
+    if name == "ImageNetV2":  # folders 0..999 in classnames.txt order
+        folders = [(str(i), wnids[i]) for i in range(len(wnids))]
+    else:
+        folders = [(p.name, p.name) for p in sorted(image_dir.iterdir()) if p.is_dir()]
+    items = []
+    for label, (folder, wnid) in enumerate(folders):
+        if wnid not in names:
+            raise ValueError(f"{image_dir / folder}: {wnid!r} is not in ImageNet's classnames.txt")
+        items += [Item(str(p), label, names[wnid]) for p in _list_images(image_dir / folder)]
+    return {"train": [], "val": [], "test": items}
+
+
+def _read_classnames_file(path: str | Path) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"class-name file {path} is empty")
+    return lines
+
+
+def _read_imagefolder(root: Path, classnames_file: str | None) -> dict[str, list[Item]]:
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise FileNotFoundError(
+            f"ImageFolder dataset {root} needs train/ and test/ subfolders (val/ optional)"
+        )
+    folders = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    names = (
+        _read_classnames_file(classnames_file) if classnames_file else [f.replace("_", " ") for f in folders]
+    )
+    if len(names) != len(folders):
+        raise ValueError(
+            f"class-name list {classnames_file} has {len(names)} names but {root / 'train'} has "
+            f"{len(folders)} class folders"
+        )
+    splits = {}
+    for split in ("train", "val", "test"):
+        items = []
+        if (root / split).is_dir():
+            extra = sorted(p.name for p in (root / split).iterdir() if p.is_dir() and p.name not in folders)
+            if extra:
+                raise ValueError(f"{root / split} has class folders {extra} that train/ does not have")
+            for label, folder in enumerate(folders):
+                if (root / split / folder).is_dir():
+                    items += [Item(str(p), label, names[label]) for p in _list_images(root / split / folder)]
+        splits[split] = items
+    return splits
+
+
+def _read_csv(path: Path, classnames_file: str | None) -> dict[str, list[Item]]:
+    """CSV with a header ``path,label,split[,classname]``; paths relative to the CSV's folder."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"path", "label", "split"} <= set(rows[0]):
+        raise ValueError(
+            f"{path}: need a header with columns path,label,split (and classname or a names file)"
+        )
+    labels = sorted({int(r["label"]) for r in rows})
+    if classnames_file:
+        names = _read_classnames_file(classnames_file)
+    elif "classname" in rows[0]:
+        by_label: dict[int, str] = {}
+        for r in rows:
+            by_label.setdefault(int(r["label"]), r["classname"])
+        names = [by_label.get(i, "") for i in range(max(labels) + 1)]
+    else:
+        raise ValueError(f"{path}: no classname column and no classnames file given")
+    if labels != list(range(len(names))):
+        raise ValueError(
+            f"class names ({len(names)}) do not match the labels of {path} (labels {labels[:5]}..., must be 0..{len(names) - 1})"
+        )
+    splits: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+    for r in rows:
+        if r["split"] not in splits:
+            raise ValueError(f"{path}: split must be train, val or test, got {r['split']!r}")
+        label = int(r["label"])
+        splits[r["split"]].append(Item(str(path.parent / r["path"]), label, names[label]))
+    return splits
+
+
+def validate_items(splits: dict[str, list[Item]], source: str, check_files: bool = True) -> list[str]:
+    """Class names in label order; raise one clear error for inconsistent names/labels or missing images."""
+    names: dict[int, str] = {}
+    for split, items in splits.items():
+        for item in items:
+            known = names.setdefault(item.label, item.classname)
+            if known != item.classname:
+                raise ValueError(
+                    f"{source}: label {item.label} is named both {known!r} and {item.classname!r} ({split} split); "
+                    "the class-name list does not match the labels"
+                )
+    if not names:
+        raise ValueError(f"{source}: no images")
+    labels = sorted(names)
+    if labels[0] < 0 or labels != list(range(labels[-1] + 1)):
+        raise ValueError(f"{source}: labels must be 0..n-1 without gaps, got {labels[:10]}...")
+    if check_files:
+        missing = [
+            item.impath for items in splits.values() for item in items if not os.path.isfile(item.impath)
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{source}: {len(missing)} images listed in the split are missing, e.g. {', '.join(missing[:3])}"
+            )
+    return [names[i] for i in labels]
+
+
+def load_dataset(
+    dataset: str, root: str | Path, classnames_file: str | None = None, check_files: bool = True
+) -> tuple[str, dict[str, list[Item]], list[str]]:
+    """``(canonical name, {"train", "val", "test": items}, classnames)`` for a registered, ImageFolder or CSV set."""
+    name = canonical_name(dataset)
+    root = Path(root).expanduser()
+    if name == "imagefolder":
+        splits, source = _read_imagefolder(root, classnames_file), str(root)
+    elif name == "csv":
+        splits, source = _read_csv(root, classnames_file), str(root)
+    else:
+        info = DATASETS[name]
+        base = root / info.folder
+        if name == "Digits" and not (base / info.split_file).is_file():
+            prepare_digits(root)
+        image_dir = base / info.image_dir if info.image_dir else base
+        if info.kind == "split_json":
+            source = str(base / info.split_file)
+            splits = read_split_json(base / info.split_file, image_dir)
+        elif info.kind == "aircraft":
+            splits, source = _read_aircraft(base, image_dir), str(base)
+        elif info.kind == "imagenet":
+            splits, source = _read_imagenet(root, base, image_dir), str(base)
+        else:
+            splits, source = _read_imagenet_variant(root, base, image_dir, name), str(image_dir)
+    if not splits.get("val"):
+        splits["val"] = list(splits["train"])
+    classnames = validate_items(splits, source, check_files)
+    if classnames_file and name not in ("imagefolder", "csv"):
+        given = _read_classnames_file(classnames_file)
+        if len(given) != len(classnames):
+            raise ValueError(
+                f"class-name list {classnames_file} has {len(given)} names but {source} has {len(classnames)} labels"
+            )
+        classnames = given
+        splits = {k: [Item(i.impath, i.label, given[i.label]) for i in v] for k, v in splits.items()}
+    return name, splits, classnames
+
+
+# ---------------------------------------------------------------------------------------------- protocol rules
+def generate_fewshot(items: Sequence[Item], num_shots: int, rng: random.Random) -> list[Item]:
+    """K items per label, labels in order of first appearance, ``rng.sample`` per label (all if fewer)."""
+    if num_shots < 1:
+        return list(items)
+    by_label: dict[int, list[Item]] = {}
+    for item in items:
+        by_label.setdefault(item.label, []).append(item)
+    out: list[Item] = []
+    for group in by_label.values():
+        out.extend(rng.sample(group, num_shots) if len(group) >= num_shots else group)
+    return out
+
+
+def fewshot_split(
+    train: Sequence[Item], val: Sequence[Item], num_shots: int, seed: int, cache_file: Path | None = None
+) -> tuple[list[Item], list[Item]]:
+    """Train with K shots and val with min(K, 4) from one generator seeded with ``seed``; cached as JSON."""
+    if cache_file is not None and cache_file.is_file():
+        raw = json.loads(cache_file.read_text())
+        return [Item(*e) for e in raw["train"]], [Item(*e) for e in raw["val"]]
+    rng = random.Random(seed)
+    few_train = generate_fewshot(train, num_shots, rng)
+    few_val = generate_fewshot(val, min(num_shots, 4), rng)
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            payload = {
+                "train": [list(vars(i).values()) for i in few_train],
+                "val": [list(vars(i).values()) for i in few_val],
+            }
+            tmp.write_text(json.dumps(payload))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # read-only dataset folder: sampling is deterministic, the cache is only a speed-up
+    return few_train, few_val
+
+
+def split_base_novel(labels: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Base = the first ceil(n/2) sorted labels, novel = the rest."""
+    unique = sorted(set(labels))
+    m = math.ceil(len(unique) / 2)
+    return unique[:m], unique[m:]
+
+
+def subsample_classes(
+    splits: dict[str, list[Item]], subsample: Literal["all", "base", "new"]
+) -> tuple[dict[str, list[Item]], list[str]]:
+    """Keep base or novel classes (decided on the train labels) and relabel them 0..k-1."""
+    if subsample == "all":
+        names = validate_items(splits, "split", check_files=False)
+        return splits, names
+    base, new = split_base_novel([i.label for i in splits["train"]])
+    keep = base if subsample == "base" else new
+    relabel = {old: new_label for new_label, old in enumerate(keep)}
+    out = {
+        k: [Item(i.impath, relabel[i.label], i.classname) for i in v if i.label in relabel]
+        for k, v in splits.items()
+    }
+    names = [""] * len(keep)
+    for items in out.values():
+        for item in items:
+            names[item.label] = item.classname
+    return out, names
+
+
+# ---------------------------------------------------------------------------------------------- demo data
+def prepare_digits(root: str | Path) -> Path:
+    """scikit-learn's digits as a CoOp-style dataset: 32x32 upscaled PNGs and ``split_zhou_Digits.json``
+    (per class, a fixed shuffle: 50% train, 10% val, 40% test)."""
+    from sklearn.datasets import load_digits
+
+    base = Path(root).expanduser() / DATASETS["Digits"].folder
+    images_dir = base / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    split: dict[str, list] = {"train": [], "val": [], "test": []}
+    for label in range(10):
+        indices = np.flatnonzero(digits.target == label)
+        indices = indices[rng.permutation(len(indices))]
+        n_train, n_val = len(indices) // 2, len(indices) // 10
+        for position, index in enumerate(indices):
+            name = f"{DIGIT_NAMES[label]}/{index:04d}.png"
+            target = images_dir / name
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                pixels = (digits.images[index] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").resize((32, 32), Image.BICUBIC).save(target)
+            which = "train" if position < n_train else "val" if position < n_train + n_val else "test"
+            split[which].append([name, label, DIGIT_NAMES[label]])
+    tmp = base / f"split.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(split))
+    os.replace(tmp, base / DATASETS["Digits"].split_file)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------- torch side
+class ImageDataset(Dataset):
+    """Items as ``{"image", "label", "index"}``; a key ``(index, sample_seed)`` seeds the augmentation so that
+    a resumed or distributed run draws the same crops as an uninterrupted one."""
+
+    def __init__(self, items: Sequence[Item], transform, index_offset: int = 0) -> None:
+        self.items = list(items)
+        self.transform = transform
+        self.index_offset = index_offset
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        item = self.items[index]
+        with Image.open(item.impath) as handle:
+            image = handle.convert("RGB")
+        if seed is None:
+            tensor = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                tensor = self.transform(image)
+        return {"image": tensor, "label": item.label, "index": index + self.index_offset}
+
+
+class SeededEpochSampler(DistributedSampler):
+    """Shuffle from (seed, epoch) only and give each index an augmentation seed; shards over processes."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        super().__init__(
+            dataset,
+            num_replicas=dist.get_world_size(),
+            rank=dist.get_rank(),
+            shuffle=True,
+            seed=seed,
+            drop_last=False,
+        )
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=generator).tolist()
+        pairs = list(zip(order, seeds))
+        pairs += pairs[: self.total_size - len(pairs)]
+        return iter(pairs[self.rank : self.total_size : self.num_replicas])
+
+
+def build_transforms(
+    preprocess_cfg: dict[str, Any] | None, train_scale: tuple[float, float], train_flip: bool
+) -> tuple[Any, Any]:
+    """open_clip's eval preprocessing for the model; train: random resized crop (+ flip) with the same size,
+    interpolation and normalisation."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = PreprocessCfg(**(preprocess_cfg or {}))
+    size = cfg.size if isinstance(cfg.size, int) else cfg.size[0]
+    eval_transform = image_transform_v2(cfg, is_train=False)
+    interpolation = (
+        T.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    )
+    train_ops = [T.RandomResizedCrop(size, scale=train_scale, interpolation=interpolation)]
+    if train_flip:
+        train_ops.append(T.RandomHorizontalFlip())
+    train_ops += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(train_ops), eval_transform
+
+
+@dataclass
+class EvalSet:
+    name: str
+    classnames: list[str]
+    items: list[Item]
+    dataset: str
+
+
+class FewShotDataModule(pl.LightningDataModule):
+    """Few-shot training data of one dataset and its evaluation sets.
+
+    ``subsample``: ``"base"`` trains on the base classes and evaluates base and novel separately (base-to-novel);
+    ``"all"`` trains and evaluates on all classes. ``num_shots = 0`` uses every training image.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "Digits",
+        root: str = "data",
+        num_shots: int = 16,
+        seed: int = 1,
+        subsample: Literal["all", "base"] = "base",
+        batch_size: int = 4,
+        eval_batch_size: int = 100,
+        num_workers: int = 0,
+        classnames_file: str | None = None,
+        train_scale: tuple[float, float] = (0.08, 1.0),
+        train_flip: bool = True,
+        cache_dir: str | None = None,
+        check_files: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset_name, splits, self.all_classnames = load_dataset(
+            dataset, root, classnames_file, check_files
+        )
+        self.full_splits = splits
+        self.preprocess_cfg: dict[str, Any] | None = None
+        few_train, few_val = fewshot_split(
+            splits["train"], splits["val"], num_shots, seed, self._cache_file()
+        )
+        self.few_splits = {"train": few_train, "val": few_val, "test": splits["test"]}
+        if subsample == "base":
+            base_splits, self.train_classnames = subsample_classes(self.few_splits, "base")
+        else:
+            base_splits, self.train_classnames = self.few_splits, list(self.all_classnames)
+        self.train_items = base_splits["train"]
+
+    @property
+    def display_name(self) -> str:
+        """The registry name, or the folder / file name of an ImageFolder or CSV dataset."""
+        if self.dataset_name in ("imagefolder", "csv"):
+            return Path(self.hparams.root).stem
+        return self.dataset_name
+
+    def _cache_file(self) -> Path | None:
+        hp = self.hparams
+        if hp.num_shots < 1:
+            return None
+        name = f"shot_{hp.num_shots}-seed_{hp.seed}.json"
+        root = Path(hp.root).expanduser()
+        if self.dataset_name == "csv":
+            folder, name = root.parent / "split_fewshot", f"{root.stem}_{name}"
+        elif self.dataset_name == "imagefolder":
+            folder = root / "split_fewshot"
+        else:
+            folder = root / DATASETS[self.dataset_name].folder / "split_fewshot"
+        if hp.cache_dir:
+            folder = Path(hp.cache_dir).expanduser() / self.dataset_name
+        return folder / name
+
+    def eval_sets(self) -> list[EvalSet]:
+        """Base and novel test sets in their own label spaces, or the whole test set."""
+        if self.hparams.subsample == "base":
+            out = []
+            for name, which in (("base", "base"), ("novel", "new")):
+                splits, names = subsample_classes(self.few_splits, which)
+                out.append(EvalSet(name, names, splits["test"], self.dataset_name))
+            return out
+        return [EvalSet("all", list(self.all_classnames), list(self.full_splits["test"]), self.dataset_name)]
+
+    def _transforms(self):
+        cfg = self.preprocess_cfg
+        if cfg is None and self.trainer is not None:
+            cfg = getattr(self.trainer.lightning_module, "preprocess_cfg", None)
+        return build_transforms(cfg, tuple(self.hparams.train_scale), self.hparams.train_flip)
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_items:
+            raise ValueError(f"{self.dataset_name} has no training images (it is an evaluation-only dataset)")
+        train_transform, _ = self._transforms()
+        dataset = ImageDataset(self.train_items, train_transform)
+        per_rank = math.ceil(len(dataset) / dist.get_world_size())
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=SeededEpochSampler(dataset, seed=self.hparams.seed),
+            drop_last=per_rank >= self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=False,
+        )
+
+    def eval_dataloader(self, items: Sequence[Item]) -> DataLoader:
+        _, eval_transform = self._transforms()
+        return DataLoader(
+            ImageDataset(items, eval_transform),
+            batch_size=self.hparams.eval_batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+        )

@@ -1,0 +1,279 @@
+"""``scripts/fewshot_eval.py``: LightningCLI over a prompt-learning module and ``FewShotDataModule`` that runs one
+evaluation protocol over shots and seeds and writes Markdown, CSV and JSON results into the run folder.
+
+Protocols: ``base2novel`` (train on base classes, test base and novel in their own label spaces), ``fewshot``
+(all classes, each of ``shots``), ``cross_dataset`` / ``domain_generalization`` (train on the source dataset with
+all classes, test on each of ``targets`` with its own class names). With no arguments it runs the digits demo
+(``configs/prompts/demo.yaml``): a small randomly initialised ViT, so its figures are random-weight figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+
+import prompts.module  # noqa: F401  (registers the module classes for --model)
+from agreement import dist
+from prompts.checkpoint import save_prompts
+from prompts.data import FewShotDataModule
+from prompts.module import PromptCLIPModule
+from prompts.published import FEW_SHOT_AVERAGE, PAPER_METHOD, paper_base_to_novel, paper_transfer
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+Protocol = Literal["base2novel", "fewshot", "cross_dataset", "domain_generalization"]
+RANDOM_BANNER = "RANDOM-WEIGHT FIGURES: the CLIP model is randomly initialised; these are not CLIP accuracies"
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{m:.2f} ± {s:.2f}"
+
+
+class FewShotCLI(LightningCLI):
+    """Parses the config; ``run_protocol`` instantiates a fresh model, datamodule and trainer per (shots, seed)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--run_dir", type=str | None, default=None, help="output folder (default runs/fewshot/<time>)"
+        )
+        parser.add_argument("--protocol", type=Protocol, default="base2novel")
+        parser.add_argument("--seeds", type=list[int], default=[1, 2, 3])
+        parser.add_argument(
+            "--shots", type=list[int], default=[16], help="shots per class (sets data.num_shots per run)"
+        )
+        parser.add_argument(
+            "--targets",
+            type=list[str],
+            default=[],
+            help="target datasets (transfer protocols): names under data.root, or imagefolder:/path, csv:/file.csv",
+        )
+        parser.add_argument(
+            "--init_prompts", type=str | None, default=None, help="prompt checkpoint to start from"
+        )
+
+    def instantiate_classes(self) -> None:
+        """Nothing here: every run builds its own objects from the parsed config."""
+
+    # ------------------------------------------------------------------ one run
+    def _build(self, shots: int, seed: int, subsample: str, folder: Path):
+        config = copy.deepcopy(self.config)
+        config.data.num_shots = shots
+        config.data.seed = seed
+        config.data.subsample = subsample
+        config.seed_everything = seed
+        pl.seed_everything(seed, workers=True)
+        self.config_init = self.parser.instantiate_classes(config)
+        model: PromptCLIPModule = self.config_init.model
+        data: FewShotDataModule = self.config_init.data
+        data.preprocess_cfg = model.preprocess_cfg
+        folder.mkdir(parents=True, exist_ok=True)
+        trainer = self.instantiate_trainer(
+            logger=CSVLogger(str(folder), name="", version=""),
+            default_root_dir=str(folder),
+            callbacks=[ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0)],
+        )
+        return model, data, trainer
+
+    @staticmethod
+    def _accuracy(
+        trainer: pl.Trainer, model: PromptCLIPModule, data: FewShotDataModule, items, names, dataset
+    ):
+        model.set_eval_classnames(names, dataset)
+        trainer.test(model, dataloaders=data.eval_dataloader(items), verbose=False)
+        return 100.0 * float(trainer.callback_metrics["test/acc"])
+
+    def run_one(self, shots: int, seed: int, run_dir: Path) -> tuple[list[dict[str, Any]], PromptCLIPModule]:
+        protocol = self.config.protocol
+        subsample = "base" if protocol == "base2novel" else "all"
+        folder = run_dir / f"shots{shots}_seed{seed}"
+        model, data, trainer = self._build(shots, seed, subsample, folder)
+        if self.config.init_prompts:
+            from prompts.checkpoint import load_prompts
+
+            load_prompts(model.model, self.config.init_prompts)
+        if model.trainable:
+            trainer.fit(model, datamodule=data, ckpt_path=self.config.get("ckpt_path"))
+            if trainer.is_global_zero:
+                save_prompts(
+                    model.model, folder / "prompts.safetensors", extra={"model_name": model.model_name}
+                )
+        method = type(model).__name__
+        base = {
+            "method": method,
+            "dataset": data.display_name,
+            "shots": shots,
+            "seed": seed,
+            "weights": model.weights,
+        }
+        rows = []
+        for eval_set in data.eval_sets():
+            acc = self._accuracy(trainer, model, data, eval_set.items, eval_set.classnames, data.dataset_name)
+            rows.append({**base, "eval": eval_set.name, "target": data.display_name, "accuracy": acc})
+        for target in self.config.targets if protocol in ("cross_dataset", "domain_generalization") else []:
+            kind, _, path = target.partition(":")
+            custom = kind.lower() in ("imagefolder", "csv") and path
+            target_data = FewShotDataModule(
+                dataset=kind if custom else target,
+                root=path if custom else self.config.data.root,
+                num_shots=0,
+                subsample="all",
+                eval_batch_size=self.config.data.eval_batch_size,
+                num_workers=self.config.data.num_workers,
+            )
+            target_data.preprocess_cfg = model.preprocess_cfg
+            test = target_data.full_splits["test"]
+            acc = self._accuracy(
+                trainer, model, target_data, test, target_data.all_classnames, target_data.dataset_name
+            )
+            rows.append({**base, "eval": "target", "target": target_data.display_name, "accuracy": acc})
+        return rows, model
+
+    # ------------------------------------------------------------------ whole protocol
+    def run_protocol(self) -> dict[str, Any]:
+        configured = self.config.get("run_dir")
+        run_dir = (
+            Path(configured) if configured else Path("runs") / "fewshot" / time.strftime("%Y%m%d-%H%M%S")
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main_process():
+            self.parser.save(self.config, run_dir / "config.yaml", overwrite=True, skip_check=True)
+        protocol = self.config.protocol
+        shots_list = self.config.shots if protocol == "fewshot" else self.config.shots[:1]
+        rows: list[dict[str, Any]] = []
+        start = time.time()
+        for shots in shots_list:
+            for seed in self.config.seeds:
+                run_rows, _ = self.run_one(shots, seed, run_dir)
+                rows += run_rows
+        summary = summarise(protocol, rows)
+        summary.update(
+            {"run_dir": str(run_dir), "protocol": protocol, "seconds": round(time.time() - start, 1)}
+        )
+        summary["random_weights"] = any(r["weights"] == "random" for r in rows)
+        if dist.is_main_process():
+            write_results(run_dir, summary, rows)
+            print_results(summary)
+        return summary
+
+
+def summarise(protocol: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over seeds, HM of the mean base and novel accuracies, and the published figures if known."""
+    table: list[dict[str, Any]] = []
+    if not rows:
+        return {"table": table}
+    method, dataset = rows[0]["method"], rows[0]["dataset"]
+    if protocol == "base2novel":
+        base = [r["accuracy"] for r in rows if r["eval"] == "base"]
+        novel = [r["accuracy"] for r in rows if r["eval"] == "novel"]
+        per_seed_hm = [harmonic_mean(b, n) for b, n in zip(base, novel)]
+        entry = {
+            "method": method,
+            "dataset": dataset,
+            "seeds": len(base),
+            "Base": fmt(base),
+            "Novel": fmt(novel),
+            "HM": f"{harmonic_mean(mean_std(base)[0], mean_std(novel)[0]):.2f}",
+            "HM per seed": fmt(per_seed_hm),
+            "base_mean": mean_std(base)[0],
+            "novel_mean": mean_std(novel)[0],
+        }
+        paper = paper_base_to_novel(method, dataset)
+        entry["paper B / N / HM"] = " / ".join(f"{v:.2f}" for v in paper) if paper else "n/a"
+        table.append(entry)
+        columns = ["method", "dataset", "seeds", "Base", "Novel", "HM", "HM per seed", "paper B / N / HM"]
+    elif protocol == "fewshot":
+        for shots in sorted({r["shots"] for r in rows}):
+            values = [r["accuracy"] for r in rows if r["shots"] == shots]
+            paper = FEW_SHOT_AVERAGE.get(PAPER_METHOD.get(method, method), {}).get(shots)
+            table.append(
+                {
+                    "method": method,
+                    "dataset": dataset,
+                    "shots": shots,
+                    "seeds": len(values),
+                    "Accuracy": fmt(values),
+                    "paper (11-dataset average)": f"{paper:.2f}" if paper else "n/a",
+                }
+            )
+        columns = ["method", "dataset", "shots", "seeds", "Accuracy", "paper (11-dataset average)"]
+    else:
+        for target in dict.fromkeys(r["target"] for r in rows):
+            values = [r["accuracy"] for r in rows if r["target"] == target]
+            paper = paper_transfer(method, target)
+            table.append(
+                {
+                    "method": method,
+                    "source": dataset,
+                    "target": target + (" (source)" if target == dataset else ""),
+                    "seeds": len(values),
+                    "Accuracy": fmt(values),
+                    "paper": f"{paper:.2f}" if paper and dataset == "ImageNet" else "n/a",
+                }
+            )
+        columns = ["method", "source", "target", "seeds", "Accuracy", "paper"]
+    return {"table": table, "columns": columns}
+
+
+def markdown_table(table: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in table]
+    return "\n".join(lines)
+
+
+def write_results(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """``results.md`` (summary table), ``results.csv`` (one row per run and evaluation) and ``results.json``."""
+    title = f"# {summary['protocol']} results\n\n"
+    if summary.get("random_weights"):
+        title += f"**{RANDOM_BANNER}**\n\n"
+    (run_dir / "results.md").write_text(title + markdown_table(summary["table"], summary["columns"]) + "\n")
+    with open(run_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    clean = {k: v for k, v in summary.items() if k != "columns"}
+    (run_dir / "results.json").write_text(json.dumps({"summary": clean, "runs": rows}, indent=2))
+
+
+def print_results(summary: dict[str, Any]) -> None:
+    print()
+    if summary.get("random_weights"):
+        print(f"*** {RANDOM_BANNER} ***")
+    print(markdown_table(summary["table"], summary["columns"]))
+    print(
+        f"\nResults (results.md, results.csv, results.json) in {summary['run_dir']} ({summary['seconds']} s)"
+    )
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    cli = FewShotCLI(
+        PromptCLIPModule,
+        FewShotDataModule,
+        subclass_mode_model=True,
+        run=False,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        load_from_checkpoint_support=False,  # hparams must be the per-run values (shots, seed, subsample)
+        seed_everything_default=1,
+        parser_kwargs={"default_config_files": [str(DEMO_CONFIG)]},
+        args=args,
+    )
+    return cli.run_protocol()

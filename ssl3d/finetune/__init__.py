@@ -1,0 +1,16 @@
+"""Fine-tuning exported encoders on medical downstream tasks (``scripts/finetune.py``)."""
+
+from ssl3d.finetune.classification import ImageClassificationData, ImageClassifier
+from ssl3d.finetune.encoders import EncoderWeightsError, load_encoder_weights, register_timm_backbone
+from ssl3d.finetune.seg_data import SegmentationData
+from ssl3d.finetune.segmentation import SegmentationTask
+
+__all__ = [
+    "EncoderWeightsError",
+    "ImageClassificationData",
+    "ImageClassifier",
+    "SegmentationData",
+    "SegmentationTask",
+    "load_encoder_weights",
+    "register_timm_backbone",
+]

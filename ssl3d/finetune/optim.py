@@ -1,0 +1,38 @@
+"""Optimizer and per-step warm-up + cosine schedule shared by the fine-tuning tasks."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Optimizer = Literal["adamw", "sgd"]
+
+
+def build_optimizer(
+    groups: list[dict], name: Optimizer, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> dict:
+    """Lightning scheduler config: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"scheduler": scheduler, "interval": "step"}

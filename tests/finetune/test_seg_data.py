@@ -1,0 +1,103 @@
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ssl3d.data.volumes import VolumeLoader
+from ssl3d.finetune.seg_data import (
+    BalancedSliceSampler,
+    SegmentationCase,
+    SegmentationData,
+    cases_from_datalist,
+    cases_from_folder,
+    load_case,
+)
+from tests.finetune.helpers import AFFINE, synthetic_case, write_case, write_datalist
+
+LOADER = VolumeLoader(size=(16, 16), slice_axis=2, orientation=None, resize=True)
+MAP = {0: 0, 1: 1, 2: 2}
+
+
+def _case(paths, band=None):
+    return SegmentationCase(Path(paths["image"]), Path(paths["label"]), band)
+
+
+def test_shape_mismatch_is_reported_before_training(tmp_path):
+    image, label = synthetic_case(0)
+    paths = write_case(tmp_path, "a", image, label[:, :, :-1])
+    with pytest.raises(ValueError, match=r"shape \(20, 24, 10\) but label .* shape \(20, 24, 9\)"):
+        load_case(_case(paths), LOADER, MAP, 3)
+
+
+def test_affine_mismatch_is_reported_before_training(tmp_path):
+    image, label = synthetic_case(0)
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 5.0
+    paths = write_case(tmp_path, "a", image, label, label_affine=shifted)
+    with pytest.raises(ValueError, match="different affines"):
+        load_case(_case(paths), LOADER, MAP, 3)
+
+
+def test_label_values_outside_the_class_map_are_listed(tmp_path):
+    image, label = synthetic_case(0)
+    label[0, 0, 0], label[1, 0, 0] = 7, 9
+    paths = write_case(tmp_path, "a", image, label)
+    with pytest.raises(ValueError, match=r"label values \[7, 9\] are not in the class map"):
+        load_case(_case(paths), LOADER, MAP, 3)
+
+
+def test_data_module_checks_every_volume_in_setup(tmp_path):
+    datalist = write_datalist(tmp_path, train=1, val=1, test=0)
+    entries = json.loads(datalist.read_text())
+    label_path = tmp_path / entries["validation"][0]["label"]
+    nib.save(nib.Nifti1Image(np.full((20, 24, 10), 205, np.uint8), AFFINE), str(label_path))
+    data = SegmentationData(
+        datalist=str(datalist), class_names=["bg", "a", "b"], label_map=MAP, size=(16, 16)
+    )
+    with pytest.raises(ValueError, match=r"label values \[205\]"):
+        data.setup("fit")
+
+
+def test_labels_are_mapped_resized_and_the_band_keeps_world_coordinates(tmp_path):
+    image, label = synthetic_case(0)
+    raw = np.select([label == 1, label == 2], [420, 205], 0).astype(np.int16)
+    paths = write_case(tmp_path, "a", image, raw)
+    case = load_case(_case(paths, band=(3, 8)), LOADER, {0: 0, 205: 1, 420: 2}, 3)
+    assert case.images.shape == (5, 1, 16, 16) and case.labels.shape == (5, 16, 16)
+    assert case.full_labels.shape == (5, 20, 24)
+    expected = torch.from_numpy(np.moveaxis(label, 2, 0)[3:8].astype(np.int64))
+    assert torch.equal(case.full_labels, torch.where(expected == 1, 2, torch.where(expected == 2, 1, 0)))
+    assert set(case.labels.unique().tolist()) == {0, 1, 2}
+    np.testing.assert_allclose(case.affine @ [0, 0, 0, 1], AFFINE @ [0, 0, 3, 1])
+    assert case.spacing == (3.0, 2.0, 2.0)
+
+
+def test_balanced_sampler_takes_every_labelled_slice_and_as_many_unlabelled():
+    sampler = BalancedSliceSampler(labelled=[0, 1, 2], unlabelled=list(range(10, 30)), ratio=1.0, seed=0)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        assert len(drawn) == len(sampler) == 6
+        assert {0, 1, 2} <= set(drawn) and len(set(drawn)) == 6
+        epochs.append(frozenset(drawn) - {0, 1, 2})
+    assert len(set(epochs)) > 1  # the unlabelled slices change between epochs
+    assert len(BalancedSliceSampler([0, 1, 2], [9], ratio=1.0)) == 4
+
+
+def test_datalists_and_folders_list_pairs(tmp_path):
+    datalist = write_datalist(tmp_path, train=2, val=0, test=1)
+    cases = cases_from_datalist(datalist, "training")
+    assert [c.image.name for c in cases] == ["case0_image.nii.gz", "case1_image.nii.gz"]
+    assert all(c.label.is_file() for c in cases)
+    image, label = synthetic_case(0)
+    write_case(tmp_path / "folder" / "images", "x", image, None)
+    write_case(tmp_path / "folder" / "labels", "x", label, None)  # same file name as the image
+    cases = cases_from_folder(tmp_path / "folder")
+    assert len(cases) == 1 and cases[0].label == (tmp_path / "folder" / "labels" / "x_image.nii.gz").resolve()
+    write_case(tmp_path / "folder" / "images", "y", image, None)
+    with pytest.raises(ValueError, match=r"no label file for y_image\.nii\.gz"):
+        cases_from_folder(tmp_path / "folder")

@@ -1,0 +1,68 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ssl3d.finetune.cli import latest_encoder, main, resolve_encoder
+from tests.finetune.helpers import AFFINE, TINY_BACKBONE, make_encoder, write_datalist
+
+
+def _args(tmp_path, datalist, encoder):
+    return [
+        f"--run_dir={tmp_path / 'run'}",
+        f"--data.init_args.datalist={datalist}",
+        "--data.init_args.class_names=[background, ball, box]",
+        "--data.init_args.label_map={0: 0, 1: 1, 2: 2}",
+        "--data.init_args.size=[32, 32]",
+        "--data.init_args.batch_size=8",
+        f"--model.init_args.backbone={TINY_BACKBONE}",
+        f"--model.init_args.encoder={encoder}",
+        "--model.init_args.lr=0.01",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def test_cli_fine_tunes_from_both_initialisations_and_writes_predictions(tmp_path, capsys):
+    datalist = write_datalist(tmp_path / "data", train=2, val=1, test=1)
+    encoder = make_encoder(tmp_path / "enc")
+    summary = main(_args(tmp_path, datalist, encoder))
+
+    assert [v["variant"] for v in summary["variants"]] == ["random", "pretrained"]
+    run = tmp_path / "run"
+    for variant in ("random", "pretrained"):
+        folder = run / variant
+        config = (folder / "config.yaml").read_text()
+        assert "max_epochs: 1" in config and "class_path: ssl3d.finetune.SegmentationTask" in config
+        results = json.loads((folder / "results.json").read_text())
+        assert results["best_checkpoint"]  # chosen by validation 3D IoU
+        scores = results["summary"]
+        assert set(scores) == {"background", "ball", "box", "mean (foreground)"}
+        assert 0.0 <= scores["ball"]["iou_3d"] <= 1.0 and 0.0 <= scores["background"]["dice"] <= 1.0
+        written = nib.load(str(folder / "predictions" / "case3_image.nii.gz"))
+        assert written.shape == (20, 24, 10)
+        np.testing.assert_allclose(written.affine, AFFINE)
+        assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+    assert summary["variants"][1]["encoder"] == str(encoder)
+    out = capsys.readouterr().out
+    assert "| init | class | Dice | IoU | 3D Dice | 3D IoU | HD95 mm |" in out
+    assert "| pretrained | ball |" in out and "| random | box |" in out
+    assert json.loads((run / "summary.json").read_text())["variants"][0]["variant"] == "random"
+
+
+def test_misspelt_config_key_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([f"--run_dir={tmp_path}", "--model.init_args.learning_rate=0.1"])
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_latest_encoder_is_the_newest_pretraining_run(tmp_path):
+    assert latest_encoder(tmp_path / "none") is None
+    for name in ("20240101-000000", "20250101-000000"):
+        make_encoder(tmp_path / name / "encoder")
+    (tmp_path / "20260101-000000").mkdir()  # an unfinished run without an encoder
+    assert latest_encoder(tmp_path) == tmp_path / "20250101-000000" / "encoder"
+    assert resolve_encoder("latest", [], root=tmp_path) == str(tmp_path / "20250101-000000" / "encoder")
+    assert resolve_encoder(None, [], root=tmp_path) is None

@@ -4,6 +4,7 @@ from ssl3d.finetune.classification import ImageClassificationData, ImageClassifi
 from ssl3d.finetune.encoders import EncoderWeightsError, load_encoder_weights, register_timm_backbone
 from ssl3d.finetune.seg_data import SegmentationData
 from ssl3d.finetune.segmentation import SegmentationTask
+from ssl3d.finetune.volume_classification import VolumeClassificationData, VolumeClassifier
 
 __all__ = [
     "EncoderWeightsError",
@@ -11,6 +12,8 @@ __all__ = [
     "ImageClassifier",
     "SegmentationData",
     "SegmentationTask",
+    "VolumeClassificationData",
+    "VolumeClassifier",
     "load_encoder_weights",
     "register_timm_backbone",
 ]

@@ -1,0 +1,746 @@
+"""Speed and memory benchmarks: prints Markdown tables and writes JSON (default runs/benchmark/<suite>.json).
+
+python scripts/benchmark.py agreement            # k-means (torch, faiss, scikit-learn) and Sinkhorn, a few minutes
+python scripts/benchmark.py ssl3d                # deformable slice attention and JointSSL training steps
+python scripts/benchmark.py all --quick          # small sizes: a smoke test in seconds
+python scripts/benchmark.py ssl3d --device cuda  # adds the bf16 paper-config step and GPU utilisation
+python scripts/benchmark.py prompts              # PromptSRC against IVLP training steps
+python scripts/benchmark.py entities             # stages 2+3 on 300,000 faces against scikit-learn; video fps
+python scripts/benchmark.py finetune             # fine-tuning steps and inference volumes/s
+
+Compared variants are timed round-robin in one process and summarised by their median, so that load from other
+jobs on a shared machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agreement.benchmarking import (
+    check_finite_positive,
+    environment,
+    interleaved_times,
+    limit_threads,
+    load_average,
+    markdown_table,
+    matmul_gflops,
+    median,
+    peak_rss_mib,
+    require_device,
+    synchronizer,
+    thread_pools,
+    time_call,
+    write_json,
+)
+from agreement.kmeans import inertia, kmeans
+from agreement.sinkhorn import sinkhorn
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "configs" / "ssl3d" / "demo.yaml"
+PACKAGE_SUITES = ("prompts", "entities", "finetune")
+SUITES = ("agreement", "ssl3d", *PACKAGE_SUITES, "all")
+
+# The official code's time per step on this project's reference CPU machine (ResNet-18, 32 slices of 64x64,
+# 2 volumes x 2 views, no 2D branch), measured at a different sitting from any run of this script.
+ANCHOR_SECONDS_PER_STEP = 2.97
+
+AGREEMENT_SIZES = {
+    "full": dict(
+        n=200_000, dim=128, k=1000, iterations=10, repeats=3, sinkhorn=(4096, 3000), sinkhorn_repeats=7
+    ),
+    "quick": dict(n=4000, dim=32, k=40, iterations=10, repeats=2, sinkhorn=(256, 300), sinkhorn_repeats=3),
+}
+
+ATTENTION_SIZES = {
+    "full": dict(batch=2, slices=64, dim=640, warmup=5, repeats=20),
+    "quick": dict(batch=2, slices=16, dim=128, warmup=1, repeats=3),
+}
+
+# Overrides of the demo config's model and data sections for the smoke test.
+QUICK_MODEL = dict(d_model=64, num_layers=1, ffn_hidden=128, projection_hidden=64, projection_dim=32)
+QUICK_DATA = dict(num_slices=8, size=[32, 32], batch_size_3d=2, batch_size_2d=8)
+
+
+# ------------------------------------------------------------------------------------------------ agreement
+def blob_data(n: int, dim: int, centers: int, seed: int = 0) -> torch.Tensor:
+    """Points drawn around ``centers`` Gaussian blobs (unit noise, means spread 2 per coordinate)."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(centers, dim, generator=generator) * 2.0
+    labels = torch.randint(centers, (n,), generator=generator)
+    return means[labels] + torch.randn(n, dim, generator=generator)
+
+
+def _sklearn_kmeans() -> Any:
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        return None
+    return KMeans
+
+
+def run_agreement(quick: bool, device: torch.device) -> dict[str, Any]:
+    size = AGREEMENT_SIZES["quick" if quick else "full"]
+    env = environment(device)
+    n, dim, k, iterations = size["n"], size["dim"], size["k"], size["iterations"]
+    sync = synchronizer(device)
+    x_cpu = blob_data(n, dim, k, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    init_cpu = x_cpu[torch.randperm(n, generator=generator)[:k]].clone()
+    x, init = x_cpu.to(device), init_cpu.to(device)
+
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def ours(backend: str) -> Callable[[], None]:
+        def call() -> None:
+            outputs[backend] = kmeans(
+                x, k, iterations=iterations, spherical=False, init=init, backend=backend
+            )
+
+        return call
+
+    variants: dict[str, Callable[[], None]] = {"torch": ours("torch"), "faiss": ours("faiss")}
+    KMeans = _sklearn_kmeans()
+    if KMeans is not None:
+        x_numpy, init_numpy = x_cpu.numpy(), init_cpu.numpy()
+
+        def scikit_learn() -> None:
+            fitted = KMeans(k, init=init_numpy, n_init=1, max_iter=iterations, algorithm="lloyd", tol=0).fit(
+                x_numpy
+            )
+            outputs["sklearn"] = (
+                torch.from_numpy(fitted.cluster_centers_),
+                torch.from_numpy(fitted.labels_).long(),
+            )
+
+        variants["sklearn"] = scikit_learn
+
+    # The matmul rate is measured in every round, next to the runs it bounds.
+    rate_shape = (min(8192, n), dim, k)
+    rates: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(size["repeats"]):
+        rates.append(matmul_gflops(*rate_shape, repeats=10, device=device))
+        for name, fn in variants.items():
+            times[name].append(time_call(fn, sync))
+    rate = median(rates)
+    bound = iterations * 2.0 * n * k * dim / (rate * 1e9)
+
+    inertias = {name: inertia(x_cpu, c.cpu().float(), a.cpu()) for name, (c, a) in outputs.items()}
+    reference_time = median(times["sklearn"]) if "sklearn" in times else None
+    reference_inertia = inertias.get("sklearn")
+    results: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        seconds = median(times[name])
+        results[name] = {
+            "seconds": seconds,
+            "seconds_all": times[name],
+            "time_vs_sklearn": seconds / reference_time if reference_time else None,
+            "speedup_vs_sklearn": reference_time / seconds if reference_time else None,
+            "inertia": inertias[name],
+            "inertia_vs_sklearn": inertias[name] / reference_inertia if reference_inertia else None,
+            "time_vs_matmul_bound": seconds / bound,
+        }
+    torch_result = results["torch"]
+    target_met = (
+        torch_result["speedup_vs_sklearn"] is not None
+        and torch_result["speedup_vs_sklearn"] >= 2.0
+        and torch_result["inertia_vs_sklearn"] <= 1.01
+    )
+
+    batch, prototypes = size["sinkhorn"]
+    generator = torch.Generator().manual_seed(2)
+    embeddings = torch.nn.functional.normalize(torch.randn(batch, 128, generator=generator), dim=1)
+    centres = torch.nn.functional.normalize(torch.randn(prototypes, 128, generator=generator), dim=1)
+    scores = (embeddings @ centres.T).to(device)
+    sinkhorn_times = interleaved_times(
+        {"sinkhorn": lambda: sinkhorn(scores)}, size["sinkhorn_repeats"], warmup=1, sync=sync
+    )["sinkhorn"]
+
+    check_finite_positive(
+        {name: r["seconds"] for name, r in results.items()} | {"sinkhorn": median(sinkhorn_times)}
+    )
+    return {
+        "suite": "agreement",
+        "quick": quick,
+        "device": str(device),
+        "environment": env
+        | {
+            "sklearn_installed": KMeans is not None,
+            "thread_pools": thread_pools(),
+            "load_average_at_end": load_average(),
+        },
+        "kmeans": {
+            "n": n,
+            "dim": dim,
+            "k": k,
+            "iterations": iterations,
+            "data": f"{k} Gaussian blobs, seed 0; initial centroids: {k} random points, seed 1",
+            "rounds": size["repeats"],
+            "matmul_shape": list(rate_shape),
+            "matmul_gflops": rate,
+            "matmul_gflops_all": rates,
+            "bound_seconds": bound,
+            "results": results,
+            "target": "torch >= 2x faster than scikit-learn with inertia within 1%",
+            "target_met": target_met,
+        },
+        "sinkhorn": {
+            "batch": batch,
+            "prototypes": prototypes,
+            "epsilon": 0.05,
+            "iterations": 3,
+            "seconds": median(sinkhorn_times),
+            "seconds_all": sinkhorn_times,
+        },
+    }
+
+
+def agreement_tables(result: dict[str, Any]) -> str:
+    km = result["kmeans"]
+    rows = [
+        [
+            name,
+            r["seconds"],
+            r["time_vs_sklearn"],
+            r["speedup_vs_sklearn"],
+            r["inertia"],
+            r["inertia_vs_sklearn"],
+            r["time_vs_matmul_bound"],
+        ]
+        for name, r in km["results"].items()
+    ]
+    env = result["environment"]
+    lines = [
+        f"### k-means: N={km['n']:,}, D={km['dim']}, K={km['k']:,}, {km['iterations']} iterations "
+        f"(median of {km['rounds']} interleaved rounds, {result['device']})",
+        "",
+        markdown_table(
+            [
+                "method",
+                "seconds",
+                "time / sklearn",
+                "speed-up vs sklearn",
+                "inertia",
+                "inertia / sklearn",
+                "time / matmul bound",
+            ],
+            rows,
+        ),
+        "",
+        f"matmul rate {km['matmul_gflops']:.1f} GFLOP/s on {tuple(km['matmul_shape'])} products "
+        f"(rounds: {', '.join(f'{r:.1f}' for r in km['matmul_gflops_all'])}); bound = {km['iterations']} x "
+        f"2NKD / rate = {km['bound_seconds']:.2f} s. Target (torch >= 2x sklearn, inertia within 1%): "
+        f"{'met' if km['target_met'] else 'not met'}.",
+        "",
+        f"### Sinkhorn: {result['sinkhorn']['batch']:,} x {result['sinkhorn']['prototypes']:,} scores, "
+        f"3 iterations: {result['sinkhorn']['seconds'] * 1e3:.1f} ms (median of "
+        f"{len(result['sinkhorn']['seconds_all'])})",
+        "",
+        _environment_line(env),
+        "native thread pools: "
+        + (
+            ", ".join(f"{p['library']} ({p['api']}) {p['threads']}" for p in env["thread_pools"]) or "unknown"
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _environment_line(env: dict[str, Any]) -> str:
+    return (
+        f"torch {env['torch']}, {env['torch_threads']} threads, CPU: {env['cpu']} ({env['cpu_count']} usable), "
+        f"load average at start {env['load_average_1_5_15_min']}, at end {env['load_average_at_end']}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- ssl3d
+def _attention_modules(layout: str, slices: int, dim: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Ours and the package's module with the same weights; ``layout`` as in DeformableSliceAttention."""
+    from deformable_attention import DeformableAttention1D
+
+    from ssl3d.attention import DeformableSliceAttention, load_from_deformable_attention1d
+
+    package_kwargs = dict(downsample_factor=4, offset_scale=2, offset_kernel_size=6)
+    if layout == "code":
+        ours = DeformableSliceAttention(dim, layout="code", num_slices=slices)
+        package = DeformableAttention1D(dim=slices, **package_kwargs)
+    else:
+        ours = DeformableSliceAttention(dim, layout="slices")
+        package = DeformableAttention1D(dim=dim, **package_kwargs)
+    load_from_deformable_attention1d(ours, package)
+    return ours, package
+
+
+def _attention_step(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    grad: torch.Tensor,
+) -> Callable[[], None]:
+    """One forward + backward of ``module`` on ``prepare(x)``, with gradients for the input as in a network."""
+
+    def call() -> None:
+        module.zero_grad(set_to_none=True)
+        inputs = x.detach().requires_grad_()
+        module(prepare(inputs)).backward(grad)
+
+    return call
+
+
+def run_attention(quick: bool, device: torch.device) -> dict[str, Any]:
+    size = ATTENTION_SIZES["quick" if quick else "full"]
+    batch, slices, dim = size["batch"], size["slices"], size["dim"]
+    sync = synchronizer(device)
+    results: dict[str, Any] = {}
+    for layout in ("code", "slices"):
+        torch.manual_seed(0)
+        ours, package = (m.to(device).train() for m in _attention_modules(layout, slices, dim))
+        x = torch.randn(batch, slices, dim, device=device)
+        # The package is channel-first: for "code" the (batch, slices, dim) tensor is already that; for
+        # "slices" it sees the transpose, as a model over (batch, slices, dim) tokens would pass it.
+        package_input = (lambda t: t) if layout == "code" else (lambda t: t.transpose(1, 2))
+        with torch.no_grad():
+            reference = package(package_input(x))
+            difference = (
+                (ours(x) - (reference if layout == "code" else reference.transpose(1, 2))).abs().max()
+            )
+        grads = {"ours": torch.randn_like(x), "package": torch.randn_like(package_input(x))}
+
+        times = interleaved_times(
+            {
+                "ours": _attention_step(ours, x, lambda t: t, grads["ours"]),
+                "package": _attention_step(package, x, package_input, grads["package"]),
+            },
+            size["repeats"],
+            warmup=size["warmup"],
+            sync=sync,
+        )
+        ours_seconds, package_seconds = median(times["ours"]), median(times["package"])
+        check_finite_positive({f"{layout}/ours": ours_seconds, f"{layout}/package": package_seconds})
+        results[layout] = {
+            "input_shape": [batch, slices, dim],
+            "package_dim": slices if layout == "code" else dim,
+            "ours_seconds": ours_seconds,
+            "package_seconds": package_seconds,
+            "speedup": package_seconds / ours_seconds,
+            "ours_seconds_all": times["ours"],
+            "package_seconds_all": times["package"],
+            "max_abs_output_difference": float(difference),
+            "warmup": size["warmup"],
+            "repeats": size["repeats"],
+        }
+    return results
+
+
+def demo_config(quick: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and data sections of configs/ssl3d/demo.yaml (shrunk for ``quick``)."""
+    import yaml
+
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    model, data = dict(config["model"]), dict(config["data"])
+    if quick:
+        model |= QUICK_MODEL
+        data |= QUICK_DATA
+    return model, data
+
+
+def make_batch(
+    volumes: int, slices: int, size: tuple[int, int], images_2d: int, device: torch.device, seed: int = 0
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Random tensors in the training batch format: volume views (B, 1, S, H, W), slice views (B, 1, H, W)."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = size
+
+    def views(*shape: int) -> dict[str, torch.Tensor]:
+        return {
+            "index": torch.arange(shape[0], device=device),
+            "view1": torch.rand(*shape, generator=generator).to(device),
+            "view2": torch.rand(*shape, generator=generator).to(device),
+        }
+
+    batch = {"volumes": views(volumes, 1, slices, height, width)}
+    if images_2d > 0:
+        batch["slices"] = views(images_2d, 1, height, width)
+    return batch
+
+
+def time_training_step(
+    model_kwargs: dict[str, Any],
+    batch: dict[str, dict[str, torch.Tensor]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    autocast_dtype: torch.dtype | None = None,
+    gradient_clip: float | None = 2.0,
+) -> dict[str, Any]:
+    """Median seconds of forward + backward + LARS step of ``JointSSL(**model_kwargs)`` on ``batch``."""
+    from ssl3d.module import JointSSL
+    from ssl3d.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = JointSSL(**model_kwargs).to(device).train()
+    model.log_dict = lambda *args, **kwargs: None  # no trainer to log to
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(parameters, "lars", lr=0.01)
+
+    def step() -> None:
+        model.on_train_batch_start(batch, 0)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model.training_step(batch, 0)
+        loss.backward()
+        model.on_before_optimizer_step(optimizer)
+        if gradient_clip is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip)
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = interleaved_times({"step": step}, repeats, warmup=warmup, sync=synchronizer(device))["step"]
+    seconds = median(times)
+    volumes = batch["volumes"]["view1"].shape[0]
+    slices = batch["volumes"]["view1"].shape[2]
+    images_2d = batch["slices"]["view1"].shape[0] if "slices" in batch else 0
+    result = {
+        "seconds_per_step": seconds,
+        "seconds_all": times,
+        "volumes_per_second": volumes / seconds,
+        "images_2d_per_second": images_2d / seconds,
+        # Every 2D image the encoder sees: both views of every volume slice and of every 2D image.
+        "encoded_images_per_second": 2 * (volumes * slices + images_2d) / seconds,
+        "peak_rss_mib_process": peak_rss_mib(),
+        "warmup": warmup,
+        "repeats": repeats,
+    }
+    if device.type == "cuda":
+        result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def run_joint_steps(quick: bool, device: torch.device) -> dict[str, Any]:
+    model_cfg, data = demo_config(quick)
+    warmup, repeats = (1, 2) if quick else (2, 5)
+    slices, size = data["num_slices"], tuple(data["size"])
+    volumes, images_2d = data["batch_size_3d"], data["batch_size_2d"]
+    # SwAV needs no memory bank; the demo's DeepCluster-V2 head differs only in the (small) clustering loss.
+    demo = model_cfg | {
+        "clustering": "swav",
+        "num_slices": slices,
+        "attention_layout": model_cfg.get("attention_layout", "slices"),
+    }
+    official = demo | (
+        dict(d_model=64, num_layers=1, ffn_hidden=128)
+        if quick
+        else dict(d_model=640, num_layers=4, ffn_hidden=720)
+    )
+    official |= {"lambda_intra": 0.0}
+    variants = {
+        "demo": (demo, images_2d),
+        "official_encoder_no_2d_slices_layout": (official | {"attention_layout": "slices"}, 0),
+        "official_encoder_no_2d_code_layout": (official | {"attention_layout": "code"}, 0),
+    }
+    results: dict[str, Any] = {}
+    # Smallest first: the process's peak RSS only grows, so each figure is at most its variant's own peak.
+    for name, (kwargs, n_2d) in variants.items():
+        batch = make_batch(volumes, slices, size, n_2d, device)
+        result = time_training_step(kwargs, batch, device, warmup, repeats)
+        gc.collect()  # free this variant's model before the next one is built
+        check_finite_positive({name: result["seconds_per_step"]})
+        results[name] = {
+            "config": {
+                key: kwargs[key]
+                for key in (
+                    "backbone",
+                    "d_model",
+                    "num_layers",
+                    "ffn_hidden",
+                    "attention_layout",
+                    "clustering",
+                )
+                if key in kwargs
+            }
+            | {
+                "lambda_intra": kwargs.get("lambda_intra", 1.0),
+                "num_slices": slices,
+                "size": list(size),
+                "volumes": volumes,
+                "images_2d": n_2d,
+                "views": 2,
+                "optimizer": "lars",
+            },
+            **result,
+        }
+        if name.startswith("official") and not quick:
+            results[name]["anchor_seconds_per_step"] = ANCHOR_SECONDS_PER_STEP
+            results[name]["anchor_note"] = (
+                "the official code's step on this machine (2D branch off), measured at a different sitting"
+            )
+            results[name]["time_vs_anchor"] = result["seconds_per_step"] / ANCHOR_SECONDS_PER_STEP
+    return results
+
+
+def run_cuda_extras(quick: bool, device: torch.device) -> dict[str, Any]:
+    """bf16 paper-config step, peak GPU memory and the slice encoder's share of the bf16 matmul rate.
+
+    Meant for CUDA (``--device cuda``), but nothing in it is CUDA-only, so the tests run it on CPU at quick sizes.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssl3d.encoder import SliceEncoder
+
+    if quick:
+        backbone, slices, size, volumes, d_model, matmul = "resnet18", 8, (32, 32), 2, 64, 512
+    else:
+        backbone, slices, size, volumes, d_model, matmul = "resnet50", 64, (128, 128), 4, 640, 8192
+    paper = dict(
+        backbone=backbone,
+        d_model=d_model,
+        num_slices=slices,
+        num_layers=4,
+        ffn_hidden=720,
+        clustering="swav",
+        lambda_intra=0.0,
+    )
+    batch = make_batch(volumes, slices, size, 0, device)
+    step = time_training_step(
+        paper, batch, device, warmup=2, repeats=2 if quick else 5, autocast_dtype=torch.bfloat16
+    )
+
+    rate = matmul_gflops(matmul, matmul, matmul, repeats=10, dtype=torch.bfloat16, device=device)
+    torch.manual_seed(0)
+    encoder = SliceEncoder(backbone, d_model).to(device).train()
+    images = torch.rand(2 * volumes * slices, 1, *size, device=device)
+
+    def encoder_step() -> None:
+        encoder.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = encoder(images)
+        out.float().square().mean().backward()
+
+    with FlopCounterMode(display=False) as counter:
+        encoder_step()
+    flops = counter.get_total_flops()
+    times = interleaved_times(
+        {"encoder": encoder_step}, 2 if quick else 5, warmup=2, sync=synchronizer(device)
+    )
+    seconds = median(times["encoder"])
+    achieved = flops / seconds / 1e9
+    return {
+        "paper_step_bf16": {
+            "config": paper | {"size": list(size), "volumes": volumes, "views": 2, "autocast": "bfloat16"},
+            **step,
+        },
+        "slice_encoder": {
+            "images": images.shape[0],
+            "image_size": list(size),
+            "forward_backward_flops": flops,
+            "seconds": seconds,
+            "achieved_gflops": achieved,
+            "bf16_matmul_gflops": rate,
+            "fraction_of_bf16_matmul_rate": achieved / rate,
+        },
+    }
+
+
+def run_ssl3d(quick: bool, device: torch.device) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "suite": "ssl3d",
+        "quick": quick,
+        "device": str(device),
+        "environment": environment(device),
+        "attention": run_attention(quick, device),
+        "joint_step": run_joint_steps(quick, device),
+    }
+    result["environment"]["load_average_at_end"] = load_average()
+    if device.type == "cuda":
+        result["cuda"] = run_cuda_extras(quick, device)
+    return result
+
+
+def ssl3d_tables(result: dict[str, Any]) -> str:
+    attention_rows = [
+        [
+            layout,
+            "x".join(map(str, r["input_shape"])),
+            r["package_dim"],
+            r["ours_seconds"],
+            r["package_seconds"],
+            r["speedup"],
+            r["max_abs_output_difference"],
+        ]
+        for layout, r in result["attention"].items()
+    ]
+    step_rows = []
+    for name, r in result["joint_step"].items():
+        cfg = r["config"]
+        step_rows.append(
+            [
+                name,
+                f"{cfg['backbone']}, d={cfg['d_model']}, L={cfg['num_layers']}, {cfg['num_slices']}x"
+                f"{cfg['size'][0]}x{cfg['size'][1]}, {cfg['volumes']} vol + {cfg['images_2d']} 2D",
+                r["seconds_per_step"],
+                r["volumes_per_second"],
+                r["encoded_images_per_second"],
+                r["peak_rss_mib_process"],
+                r.get("anchor_seconds_per_step"),
+            ]
+        )
+    attention = next(iter(result["attention"].values()))
+    lines = [
+        f"### Deformable slice attention, forward + backward ({result['device']}, median of "
+        f"{attention['repeats']} interleaved steps after {attention['warmup']} warm-up)",
+        "",
+        markdown_table(
+            ["layout", "input", "package dim", "ours (s)", "package (s)", "package / ours", "max |diff|"],
+            attention_rows,
+            digits=4,
+        ),
+        "",
+        "### JointSSL training step (forward + backward + LARS), 2 views each",
+        "",
+        markdown_table(
+            [
+                "variant",
+                "config",
+                "s / step",
+                "volumes / s",
+                "encoded images / s",
+                "peak RSS MiB (process)",
+                "anchor s / step",
+            ],
+            step_rows,
+        ),
+    ]
+    if any(r.get("anchor_seconds_per_step") for r in result["joint_step"].values()):
+        lines += [
+            "",
+            f"Anchor: the official code at {ANCHOR_SECONDS_PER_STEP} s/step (ResNet-18, 32 slices 64x64, 2 volumes x "
+            "2 views, no 2D branch) on this machine, from a different sitting.",
+        ]
+    if "cuda" in result:
+        paper, encoder = result["cuda"]["paper_step_bf16"], result["cuda"]["slice_encoder"]
+        lines += [
+            "",
+            "### CUDA, bf16 autocast",
+            "",
+            markdown_table(
+                ["measure", "value"],
+                [
+                    ["paper-config step (s)", paper["seconds_per_step"]],
+                    ["volumes / s", paper["volumes_per_second"]],
+                    ["peak GPU memory (MiB)", paper["peak_gpu_memory_mib"]],
+                    ["slice encoder fwd+bwd (TFLOP)", encoder["forward_backward_flops"] / 1e12],
+                    ["slice encoder achieved (TFLOP/s)", encoder["achieved_gflops"] / 1e3],
+                    ["bf16 matmul rate (TFLOP/s)", encoder["bf16_matmul_gflops"] / 1e3],
+                    ["fraction of bf16 matmul rate", encoder["fraction_of_bf16_matmul_rate"]],
+                ],
+            ),
+        ]
+    env = result["environment"]
+    lines += ["", _environment_line(env)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("suite", choices=SUITES)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test that runs in seconds")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the bf16 GPU measurements)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default runs/benchmark/<suite>.json)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and, through threadpoolctl, for scikit-learn's and faiss's pools (default: each "
+        "library's own choice); on a CPU shared with other jobs, 1 thread avoids waiting on descheduled worker "
+        "threads at every parallel op",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = require_device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
+    out = args.out if args.out is not None else Path("runs") / "benchmark" / f"{args.suite}.json"
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.suite in ("agreement", "all"):
+        _load_compared_libraries()
+    with limit_threads(args.threads):
+        return _run(args, device, out)
+
+
+def _load_compared_libraries() -> None:
+    """Import faiss and scikit-learn's k-means up front, so that --threads also limits their thread pools."""
+    import faiss  # noqa: F401
+
+    _sklearn_kmeans()
+
+
+def _run(args: argparse.Namespace, device: torch.device, out: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    if args.suite in ("agreement", "all"):
+        result["agreement"] = run_agreement(args.quick, device)
+        print(agreement_tables(result["agreement"]), flush=True)
+    if args.suite in ("ssl3d", "all"):
+        result["ssl3d"] = run_ssl3d(args.quick, device)
+        if "agreement" in result:
+            print()
+        print(ssl3d_tables(result["ssl3d"]), flush=True)
+    for suite in PACKAGE_SUITES:
+        if args.suite in (suite, "all"):
+            result[suite] = run_package_suite(suite, args.quick, device)
+            print(f"\n### {suite}\n\n{rows_table(result[suite]['rows'])}", flush=True)
+    data = result if args.suite == "all" else result[args.suite]
+    path = write_json(out, _finite_or_none(data))
+    print(f"\nwrote {path}")
+    return data
+
+
+def run_package_suite(suite: str, quick: bool, device: torch.device) -> dict[str, Any]:
+    """The benchmarks that live next to their package's code."""
+    if suite == "prompts":
+        from prompts.benchmark import run_prompts_benchmark
+
+        return run_prompts_benchmark(quick=quick, device=device.type)
+    if suite == "entities":
+        from entities.benchmark import run_entities_benchmark
+
+        return run_entities_benchmark(quick=quick)
+    from ssl3d.finetune.benchmark import run_finetune_benchmark
+
+    return run_finetune_benchmark(quick=quick, device=device.type)
+
+
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of a list of flat dicts, columns in first-seen order."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return markdown_table(columns, [[row.get(column, "") for column in columns] for row in rows])
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+if __name__ == "__main__":
+    main()

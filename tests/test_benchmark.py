@@ -1,0 +1,109 @@
+"""Smoke test of scripts/benchmark.py at its --quick sizes: the JSON it writes has the documented fields."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+# One thread: on a CPU shared with other jobs, tiny parallel ops otherwise wait on descheduled workers.
+QUICK = ["--quick", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def positive_finite(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_agreement_quick_writes_timings_and_ratios(benchmark, tmp_path):
+    out = tmp_path / "agreement.json"
+    threads = torch.get_num_threads()
+    returned = benchmark.main(["agreement", *QUICK, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(returned))
+    assert data["suite"] == "agreement" and data["quick"] is True
+    assert data["environment"]["torch_threads"] == 1
+    assert {"torch", "cpu", "torch_threads", "load_average_1_5_15_min"} <= set(data["environment"])
+    kmeans = data["kmeans"]
+    assert positive_finite(kmeans["matmul_gflops"]) and positive_finite(kmeans["bound_seconds"])
+    assert set(kmeans["results"]) == {"torch", "faiss", "sklearn"}
+    for result in kmeans["results"].values():
+        assert positive_finite(result["seconds"])
+        assert all(positive_finite(t) for t in result["seconds_all"])
+        assert positive_finite(result["time_vs_sklearn"]) and positive_finite(result["time_vs_matmul_bound"])
+        # Same data, same initial centroids, same number of Lloyd iterations: the same clustering.
+        assert abs(result["inertia_vs_sklearn"] - 1) < 0.01
+    assert isinstance(kmeans["target_met"], bool)
+    assert positive_finite(data["sinkhorn"]["seconds"])
+    assert torch.get_num_threads() == threads  # --threads applies to the run only
+
+
+def test_ssl3d_quick_writes_attention_and_step_timings(benchmark, tmp_path):
+    out = tmp_path / "nested" / "ssl3d.json"
+    benchmark.main(["ssl3d", *QUICK, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["suite"] == "ssl3d" and "cuda" not in data
+    for layout in ("code", "slices"):
+        attention = data["attention"][layout]
+        assert positive_finite(attention["ours_seconds"]) and positive_finite(attention["package_seconds"])
+        assert positive_finite(attention["speedup"])
+        # Both modules carry the same weights, so they compute the same function.
+        assert attention["max_abs_output_difference"] < 1e-4
+    steps = data["joint_step"]
+    assert set(steps) == {
+        "demo",
+        "official_encoder_no_2d_slices_layout",
+        "official_encoder_no_2d_code_layout",
+    }
+    for name, step in steps.items():
+        for key in (
+            "seconds_per_step",
+            "volumes_per_second",
+            "encoded_images_per_second",
+            "peak_rss_mib_process",
+        ):
+            assert positive_finite(step[key]), (name, key)
+    assert steps["demo"]["config"]["images_2d"] > 0
+    assert steps["official_encoder_no_2d_code_layout"]["config"]["images_2d"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+def test_cuda_without_a_gpu_is_a_clear_error(benchmark, tmp_path):
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        benchmark.main(["ssl3d", "--quick", "--device", "cuda", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_gpu_measurements_run_on_cpu_at_quick_sizes(benchmark):
+    # --device cuda cannot run without a GPU, but its code has nothing CUDA-specific: exercise it here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = benchmark.run_cuda_extras(True, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    step, encoder = result["paper_step_bf16"], result["slice_encoder"]
+    assert step["config"]["autocast"] == "bfloat16" and positive_finite(step["seconds_per_step"])
+    assert encoder["forward_backward_flops"] > 0
+    for key in ("seconds", "achieved_gflops", "bf16_matmul_gflops", "fraction_of_bf16_matmul_rate"):
+        assert positive_finite(encoder[key]), key
+
+
+@pytest.mark.parametrize("suite", ["prompts", "entities", "finetune"])
+def test_package_suites_quick_write_rows(benchmark, tmp_path, suite):
+    out = tmp_path / f"{suite}.json"
+    returned = benchmark.main([suite, *QUICK, "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["rows"] and len(written["rows"]) == len(returned["rows"])
+    timings = [v for row in written["rows"] for k, v in row.items() if "ms" in k or k == "seconds"]
+    assert timings and all(positive_finite(float(v)) for v in timings)

@@ -3,7 +3,7 @@ video path's frames per second.
 
 The official pipeline clusters with scikit-learn ``KMeans(n_clusters=30)`` (k-means++, the library's default
 ``n_init``), takes the cluster majority of weak labels and makes one stage-3 pass with ``scipy`` distances.
-Ours uses ``agreement.kmeans`` (faiss backend) with the same k and the iterated stage 3. Both run on the same
+Ours uses ``agreement.kmeans`` (torch backend) with the same k and the iterated stage 3. Both run on the same
 synthetic 512-d faces with SC-Friends-like weak labels; accuracy is against the generator's true names.
 """
 
@@ -112,7 +112,7 @@ def run_entities_benchmark(quick: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours = discover(x, names, frames, cast, k=k, backend="faiss", kmeans_iterations=20, seed=seed).stage3
+        ours = discover(x, names, frames, cast, k=k, backend="torch", kmeans_iterations=20, seed=seed).stage3
     ours_s = time.perf_counter() - start
     m_official, m_ours = evaluate(truth, official, classes), evaluate(truth, ours, classes)
     video = video_fps(frames=8 if quick else 30)
@@ -126,7 +126,7 @@ def run_entities_benchmark(quick: bool = False) -> dict[str, Any]:
         },
         {
             "task": f"stages 2+3, {n:,} x 512 faces, k={k}",
-            "method": "ours (agreement.kmeans faiss + iterated)",
+            "method": "ours (agreement.kmeans torch + iterated)",
             "seconds": round(ours_s, 2),
             "accuracy": round(m_ours["accuracy"], 4),
             "mean per-class": round(m_ours["mean_per_class_accuracy"], 4),

@@ -72,9 +72,16 @@ class Gazetteer:
                 self._lookup[_fold(spelling)] = name
         self._keys = sorted(self._lookup)
         self._fuzzy: dict[str, str | None] = {}
+        self._matched: dict[str, str | None] = {}  # tokens repeat across thousands of faces
+        self._class_index = {name: i for i, name in enumerate(self.classes)}
 
     def match(self, token: str) -> str | None:
         """The cast member ``token`` refers to, or ``None``."""
+        if token not in self._matched:
+            self._matched[token] = self._match(token)
+        return self._matched[token]
+
+    def _match(self, token: str) -> str | None:
         if self.exact:
             return token if token in self.cast else None
         key = _fold(token)
@@ -95,8 +102,7 @@ class Gazetteer:
 
     def class_ids(self, tokens: Iterable[str]) -> list[int]:
         """Class ids of ``tokens``; duplicates stay (they carry more weight, as in the paper)."""
-        index = {name: i for i, name in enumerate(self.classes)}
-        return [index[self.to_class(token)] for token in tokens]
+        return [self._class_index[self.to_class(token)] for token in tokens]
 
 
 def caption_names(

@@ -101,6 +101,8 @@ def cluster_faces(
         centroids, assignments = kmeans(
             points, k, iterations=iterations, spherical=False, init=init, seed=seed + restart, backend=backend
         )
+        if restarts <= 1:
+            return assignments.numpy().astype(np.int64)
         score = inertia(points, centroids, assignments)
         if best is None or score < best[0]:
             best = (score, assignments)
@@ -185,8 +187,11 @@ def one_name_per_frame(
 def _prototypes(
     embeddings: np.ndarray, labels: np.ndarray, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    sums = np.zeros((num_classes, embeddings.shape[1]))
-    np.add.at(sums, labels, embeddings)
+    # A sparse one-hot product sums rows per class far faster than np.add.at.
+    one_hot = sp.csr_matrix(
+        (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(num_classes, len(labels))
+    )
+    sums = np.asarray(one_hot @ embeddings, dtype=np.float64)
     counts = np.bincount(labels, minlength=num_classes)
     present = counts > 0
     sums[present] /= counts[present, None]

@@ -96,7 +96,9 @@ def _initial_centroids(
     if dist.get_rank() == 0:
         generator = torch.Generator().manual_seed(seed)
         if init == "random":
-            centroids = gathered[torch.randperm(gathered.shape[0], generator=generator)[:k].to(x.device)].clone()
+            centroids = gathered[
+                torch.randperm(gathered.shape[0], generator=generator)[:k].to(x.device)
+            ].clone()
         elif init == "k-means++":
             centroids = _kmeans_plus_plus(gathered, k, generator, chunk_size)
         else:
@@ -209,7 +211,9 @@ def kmeans(
     points = _prepare(x, spherical)
     if isinstance(init, torch.Tensor):
         if init.shape != (k, x.shape[1]):
-            raise ValueError(f"kmeans: initial centroids must have shape {(k, x.shape[1])}, got {tuple(init.shape)}")
+            raise ValueError(
+                f"kmeans: initial centroids must have shape {(k, x.shape[1])}, got {tuple(init.shape)}"
+            )
         centroids = _prepare(init.to(points.device), spherical)
     else:
         centroids = _initial_centroids(points, k, init, seed, spherical, chunk_size)

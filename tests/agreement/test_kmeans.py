@@ -118,7 +118,9 @@ def _kmeans_on_shard(rank, world_size, x, backend, spherical):
 @pytest.mark.parametrize(("backend", "spherical"), [("torch", True), ("torch", False), ("faiss", False)])
 def test_two_processes_equal_one(backend, spherical):
     x, _ = blobs(n=600, dim=8)
-    expected_centroids, expected_assignments = kmeans(x, 6, iterations=8, spherical=spherical, seed=2, backend=backend)
+    expected_centroids, expected_assignments = kmeans(
+        x, 6, iterations=8, spherical=spherical, seed=2, backend=backend
+    )
     results = run_distributed(_kmeans_on_shard, 2, x, backend, spherical)
     for centroids, _ in results:
         torch.testing.assert_close(centroids, expected_centroids, rtol=1e-5, atol=1e-5)

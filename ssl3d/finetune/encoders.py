@@ -59,10 +59,8 @@ def _key_report(keys: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def check_encoder_state(
-    state: dict[str, torch.Tensor], model: nn.Module, model_name: str, source: str
-) -> None:
-    """Raise :class:`EncoderWeightsError` listing missing, unexpected and mis-shaped keys, if there are any."""
+def state_mismatches(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """Report lines for the missing, unexpected and mis-shaped keys of ``state`` against ``model`` (empty if it fits)."""
     expected = model.state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
@@ -71,16 +69,24 @@ def check_encoder_state(
         for key in sorted(set(state) & set(expected))
         if state[key].shape != expected[key].shape
     ]
-    if not (missing or unexpected or mis_shaped):
-        return
-    lines = [f"{source} does not fit the timm model {model_name!r} (strict loading):"]
+    lines = []
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {_key_report(missing)}")
     if unexpected:
         lines.append(f"  unexpected keys ({len(unexpected)}): {_key_report(unexpected)}")
     if mis_shaped:
         lines.append(f"  shape mismatches ({len(mis_shaped)}): {_key_report(mis_shaped)}")
-    raise EncoderWeightsError("\n".join(lines))
+    return lines
+
+
+def check_encoder_state(
+    state: dict[str, torch.Tensor], model: nn.Module, model_name: str, source: str
+) -> None:
+    """Raise :class:`EncoderWeightsError` listing missing, unexpected and mis-shaped keys, if there are any."""
+    problems = state_mismatches(state, model)
+    if problems:
+        header = f"{source} does not fit the timm model {model_name!r} (strict loading):"
+        raise EncoderWeightsError("\n".join([header, *problems]))
 
 
 def load_encoder_weights(model: nn.Module, path: str | Path, model_name: str) -> dict:

@@ -31,7 +31,7 @@ from ssl3d.data.sources import list_volumes
 from ssl3d.data.volumes import VolumeLoader, check_volumes
 from ssl3d.encoder import SliceEncoder
 from ssl3d.finetune.classification import classification_metrics
-from ssl3d.finetune.encoders import EncoderWeightsError, _key_report, encoder_param_groups, set_trainable
+from ssl3d.finetune.encoders import EncoderWeightsError, encoder_param_groups, set_trainable, state_mismatches
 from ssl3d.finetune.optim import Optimizer, build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -105,26 +105,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def check_state(state: dict[str, torch.Tensor], model: nn.Module, source: str, note: str = "") -> None:
     """Raise :class:`CheckpointWeightsError` listing missing, unexpected and mis-shaped keys, if any."""
-    expected = model.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    mis_shaped = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in sorted(set(state) & set(expected))
-        if state[key].shape != expected[key].shape
-    ]
-    if not (missing or unexpected or mis_shaped):
-        return
-    lines = [f"{source} does not fit the volume classifier's encoder and transformer (strict loading):"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {_key_report(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {_key_report(unexpected)}")
-    if mis_shaped:
-        lines.append(f"  shape mismatches ({len(mis_shaped)}): {_key_report(mis_shaped)}")
-    if note:
-        lines.append(f"  {note}")
-    raise CheckpointWeightsError("\n".join(lines))
+    problems = state_mismatches(state, model)
+    if problems:
+        header = f"{source} does not fit the volume classifier's encoder and transformer (strict loading):"
+        raise CheckpointWeightsError("\n".join([header, *problems, *([f"  {note}"] if note else [])]))
 
 
 def resolve_num_classes(num_classes: int | None, class_names: list[str] | None, multi_label: bool) -> int:

@@ -23,7 +23,8 @@ Backend = Literal["torch", "faiss"]
 Init = Literal["k-means++", "random"]
 
 
-def _validate(x: torch.Tensor, k: int, iterations: int) -> None:
+def _validate(x: torch.Tensor, k: int, iterations: int) -> int:
+    """Check the input on every rank; returns the number of points over all ranks."""
     if x.ndim != 2:
         raise ValueError(f"kmeans: points must be 2-D (n, dim), got shape {tuple(x.shape)}")
     if x.shape[1] == 0:
@@ -32,7 +33,7 @@ def _validate(x: torch.Tensor, k: int, iterations: int) -> None:
         raise ValueError(f"kmeans: k must be at least 1, got {k}")
     if iterations < 0:
         raise ValueError(f"kmeans: iterations must be non-negative, got {iterations}")
-    flags = torch.tensor([x.shape[0], int(not torch.isfinite(x).all())], device=x.device, dtype=torch.long)
+    flags = torch.tensor([x.shape[0], int(not _all_finite(x))], device=x.device, dtype=torch.long)
     dist.all_reduce(flags)
     total, non_finite = int(flags[0]), int(flags[1])
     if total == 0:
@@ -41,6 +42,13 @@ def _validate(x: torch.Tensor, k: int, iterations: int) -> None:
         raise ValueError("kmeans: points contain NaN or inf")
     if k > total:
         raise ValueError(f"kmeans: k={k} is larger than the number of points ({total})")
+    return total
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    # A finite sum proves every entry finite at the cost of one reduction; only an overflowing sum of finite
+    # values needs the elementwise check.
+    return bool(torch.isfinite(x.sum(dtype=torch.float64))) or bool(torch.isfinite(x).all())
 
 
 def _prepare(x: torch.Tensor, spherical: bool) -> torch.Tensor:
@@ -49,9 +57,16 @@ def _prepare(x: torch.Tensor, spherical: bool) -> torch.Tensor:
 
 
 def _nearest(
-    x: torch.Tensor, centroids: torch.Tensor, spherical: bool, chunk_size: int
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    spherical: bool,
+    chunk_size: int,
+    point_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest centroid and the squared Euclidean distance to it, chunked over points."""
+    """Index of the nearest centroid and the squared Euclidean distance to it, chunked over points.
+
+    ``point_sq`` (n,) are the points' squared norms when the caller has them (computed per chunk otherwise).
+    """
     assignments = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     centroid_sq = (centroids * centroids).sum(1)
@@ -61,8 +76,13 @@ def _nearest(
         partial = torch.addmm(centroid_sq, chunk, centroids.T, beta=1.0, alpha=-2.0)
         best, index = partial.min(dim=1)
         assignments[start : start + chunk_size] = index
-        point_sq = 1.0 if spherical else (chunk * chunk).sum(1)
-        distances[start : start + chunk_size] = (best + point_sq).clamp_min_(0)
+        if spherical:
+            chunk_sq: torch.Tensor | float = 1.0
+        elif point_sq is not None:
+            chunk_sq = point_sq[start : start + chunk_size]
+        else:
+            chunk_sq = (chunk * chunk).sum(1)
+        distances[start : start + chunk_size] = (best + chunk_sq).clamp_min_(0)
     return assignments, distances
 
 
@@ -126,27 +146,66 @@ def _repair_empty_clusters(
     return centroids
 
 
+def _mean_variance(x: torch.Tensor, point_sq: torch.Tensor) -> float:
+    """Mean over dimensions of the points' variance, over all ranks (the scale of scikit-learn's ``tol``).
+
+    Equal to ``(mean ||x||^2 - ||mean x||^2) / dim``, which reuses the points' squared norms instead of a slow
+    column-wise reduction of squares.
+    """
+    column_sums = x.sum(0).double()
+    totals = torch.stack([point_sq.sum().double(), x.new_tensor(x.shape[0], dtype=torch.float64)])
+    dist.all_reduce(column_sums)
+    dist.all_reduce(totals)
+    mean = column_sums / totals[1]
+    return float((totals[0] / totals[1] - (mean**2).sum()).clamp_min(0) / x.shape[1])
+
+
 def _kmeans_torch(
     x: torch.Tensor,
     centroids: torch.Tensor,
     iterations: int,
     spherical: bool,
     chunk_size: int,
+    tol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = centroids.shape[0]
+    point_sq = torch.linalg.vector_norm(x, dim=1) ** 2
+    threshold = tol * _mean_variance(x, point_sq) if tol > 0 else 0.0
+    previous: torch.Tensor | None = None
     for _ in range(iterations):
-        assignments, distances = _nearest(x, centroids, spherical, chunk_size)
+        assignments, distances = _nearest(
+            x, centroids, spherical, chunk_size, None if spherical else point_sq
+        )
         sums = torch.zeros_like(centroids).index_add_(0, assignments, x)
-        counts = torch.bincount(assignments, minlength=k).to(x.dtype)
+        changed = x.shape[0] if previous is None else int(assignments.ne(previous).sum())
+        stats = torch.bincount(assignments, minlength=k)
+        stats = torch.cat([stats, stats.new_tensor([changed])])
         dist.all_reduce(sums)
-        dist.all_reduce(counts)
+        dist.all_reduce(stats)
+        counts = stats[:k].to(x.dtype)
+        if int(stats[k]) == 0 and bool((counts > 0).all()):
+            # Same assignments as the previous pass: the centroids are already their means, a fixed point.
+            return centroids, assignments
         updated = sums / counts.clamp_min(1).unsqueeze(1)
         updated[counts == 0] = centroids[counts == 0]
         if spherical:
             updated = torch.nn.functional.normalize(updated, dim=1)
-        centroids = _repair_empty_clusters(x, updated, counts, distances)
+        updated = _repair_empty_clusters(x, updated, counts, distances)
+        shift = float(((updated - centroids) ** 2).sum())
+        centroids, previous = updated, assignments
+        if tol > 0 and shift <= threshold:
+            break
     assignments, _ = _nearest(x, centroids, spherical, chunk_size)
     return centroids, assignments
+
+
+def _subsample(x: torch.Tensor, sample_size: int, seed: int) -> torch.Tensor:
+    """About ``sample_size`` random points over all ranks, each rank drawing in proportion to its shard."""
+    sizes = dist.all_gather(torch.tensor([x.shape[0]], device=x.device))
+    total = int(sizes.sum())
+    take = min(x.shape[0], round(sample_size * x.shape[0] / total))
+    generator = torch.Generator().manual_seed(seed + 7919 * dist.get_rank())
+    return x[torch.randperm(x.shape[0], generator=generator)[:take].to(x.device)]
 
 
 def _kmeans_faiss(
@@ -189,25 +248,43 @@ def kmeans(
     seed: int = 0,
     backend: Backend = "torch",
     chunk_size: int = 8192,
+    tol: float = 0.0,
+    sample_size: int | None = None,
+    sample_iterations: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of ``x`` into ``k`` groups.
 
     Args:
         x: (n, dim) points; under DDP, this rank's shard.
         k: number of clusters.
-        iterations: Lloyd iterations (10 in DeepCluster-V2).
+        iterations: Lloyd iterations over all points (10 in DeepCluster-V2).
         spherical: cosine k-means: points and centroids are L2-normalised, as DeepCluster-V2 does.
         init: ``"k-means++"``, ``"random"`` (k distinct random points) or a (k, dim) tensor of initial centroids.
         seed: seeds the initialisation; the result is deterministic for a given seed.
         backend: ``"torch"`` or ``"faiss"``.
         chunk_size: points per block in the assignment step (bounds memory at ``chunk_size * k`` floats).
+        tol: (torch backend) stop once the summed squared centroid shift of an iteration is at most ``tol`` times
+            the points' mean per-dimension variance (scikit-learn's rule); 0 runs all ``iterations``. Either way
+            the loop stops when no assignment changes, which cannot alter the result.
+        sample_size: first fit on a random subsample of about this many points (seeding included), then run
+            ``iterations`` Lloyd iterations on all points from those centroids. ``None`` uses all points.
+        sample_iterations: Lloyd iterations on the subsample (default ``iterations``); cheap, so they can run
+            to ``tol`` while a few full passes polish the result.
 
     Returns:
         centroids (k, dim) float32 and this rank's assignments (n,) int64.
     """
-    _validate(x, k, iterations)
+    total = _validate(x, k, iterations)
     if chunk_size < 1:
         raise ValueError(f"kmeans: chunk_size must be positive, got {chunk_size}")
+    if tol < 0:
+        raise ValueError(f"kmeans: tol must be non-negative, got {tol}")
+    if backend not in ("torch", "faiss"):
+        raise ValueError(f"kmeans: backend must be 'torch' or 'faiss', got {backend!r}")
+    if sample_size is not None and sample_size < k:
+        raise ValueError(f"kmeans: sample_size={sample_size} must be at least k={k}")
+    if sample_iterations is not None and sample_iterations < 0:
+        raise ValueError(f"kmeans: sample_iterations must be non-negative, got {sample_iterations}")
     points = _prepare(x, spherical)
     if isinstance(init, torch.Tensor):
         if init.shape != (k, x.shape[1]):
@@ -215,13 +292,32 @@ def kmeans(
                 f"kmeans: initial centroids must have shape {(k, x.shape[1])}, got {tuple(init.shape)}"
             )
         centroids = _prepare(init.to(points.device), spherical)
-    else:
+    if sample_size is not None and sample_size < total:
+        sample = _subsample(points, sample_size, seed)
+        if not isinstance(init, torch.Tensor):
+            centroids = _initial_centroids(sample, k, init, seed, spherical, chunk_size)
+        fit_iterations = iterations if sample_iterations is None else sample_iterations
+        centroids = _run_backend(
+            sample, centroids, fit_iterations, spherical, seed, chunk_size, tol, backend
+        )[0]
+    elif not isinstance(init, torch.Tensor):
         centroids = _initial_centroids(points, k, init, seed, spherical, chunk_size)
+    return _run_backend(points, centroids, iterations, spherical, seed, chunk_size, tol, backend)
+
+
+def _run_backend(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    iterations: int,
+    spherical: bool,
+    seed: int,
+    chunk_size: int,
+    tol: float,
+    backend: Backend,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
-        return _kmeans_torch(points, centroids, iterations, spherical, chunk_size)
-    if backend == "faiss":
-        return _kmeans_faiss(points, centroids, iterations, spherical, seed, chunk_size)
-    raise ValueError(f"kmeans: backend must be 'torch' or 'faiss', got {backend!r}")
+        return _kmeans_torch(x, centroids, iterations, spherical, chunk_size, tol)
+    return _kmeans_faiss(x, centroids, iterations, spherical, seed, chunk_size)
 
 
 def inertia(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor) -> float:

@@ -45,8 +45,11 @@ class DiscoveryOptions:
     refine_target: Literal["most_frequent", "all"] = "most_frequent"
     refine_iterations: int = 10
     distance: Literal["euclidean", "cosine"] = "euclidean"
-    kmeans_iterations: int = 20
+    kmeans_iterations: int = 50
     kmeans_restarts: int = 1
+    kmeans_tol: float = 1e-4
+    kmeans_sample_size: int | None = 65_536
+    kmeans_full_iterations: int = 5
     backend: Literal["torch", "faiss"] = "torch"
 
 

@@ -102,8 +102,11 @@ def discover(
     refine_iterations: int = 10,
     distance: Literal["euclidean", "cosine"] = "euclidean",
     normalize: bool = True,
-    kmeans_iterations: int = 20,
+    kmeans_iterations: int = 50,
     kmeans_restarts: int = 1,
+    kmeans_tol: float = 1e-4,
+    kmeans_sample_size: int | None = 65_536,
+    kmeans_full_iterations: int = 5,
     backend: Literal["torch", "faiss"] = "torch",
     seed: int = 0,
 ) -> DiscoveryResult:
@@ -120,6 +123,8 @@ def discover(
         refine_target: which faces stage 3 may move (see ``refine_with_prototypes``).
         refine_iterations: maximum stage-3 passes (1 = the official single pass).
         normalize: L2-normalise embeddings first (the paper's FaceNet embeddings are unit vectors).
+        kmeans_iterations, kmeans_restarts, kmeans_tol, kmeans_sample_size, kmeans_full_iterations: k-means
+            settings (see ``entities.stages.cluster_faces``); the last two only matter above that many faces.
         seed: seeds k-means and the random stage-1 draw.
 
     Returns:
@@ -134,9 +139,9 @@ def discover(
         raise RecordsError(f"embeddings have shape {x.shape}, expected ({n}, dim)")
     if n == 0:
         raise RecordsError("no faces to name")
-    if not np.isfinite(x).all():
+    x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
+    if not (np.isfinite(x.sum(dtype=np.float64)) or np.isfinite(x).all()):
         raise RecordsError("embeddings contain NaN or inf")
-    x = x.astype(np.float64)
     if normalize:
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         if (norms == 0).any():
@@ -163,7 +168,17 @@ def discover(
     if k > n:
         warnings.warn(f"k={k} is larger than the number of faces ({n}); using k={n}", stacklevel=2)
         k = n
-    clusters = cluster_faces(x.astype(np.float32), k, kmeans_iterations, kmeans_restarts, seed, backend)
+    clusters = cluster_faces(
+        x,
+        k,
+        kmeans_iterations,
+        kmeans_restarts,
+        seed,
+        backend,
+        kmeans_tol,
+        kmeans_sample_size,
+        kmeans_full_iterations,
+    )
     scores = vote_scores(cluster_name_graph(clusters, weak, k), vote, frequency_power)
     cluster_labels = agree_on_names(scores, unknown)
     stage2 = cluster_labels[clusters]

@@ -1,3 +1,5 @@
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,9 @@ from sklearn.cluster import KMeans
 
 from agreement.kmeans import _initial_centroids, inertia, kmeans
 from tests.helpers.distributed import run_distributed
+
+# The package re-exports the function under the module's name.
+kmeans_module = importlib.import_module("agreement.kmeans")
 
 
 def blobs(n=3000, dim=16, centers=12, seed=0):
@@ -82,6 +87,61 @@ def test_single_cluster_is_the_mean():
     assert (assignments == 0).all()
 
 
+def _count_assignment_passes(monkeypatch):
+    calls = []
+    original = kmeans_module._nearest
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "_nearest", counting)
+    return calls
+
+
+def test_stops_when_assignments_stop_changing_with_the_same_result(monkeypatch):
+    x, _ = blobs(centers=5, dim=8)
+    init = _initial_centroids(x, 5, "k-means++", 0, spherical=False, chunk_size=1024)
+    calls = _count_assignment_passes(monkeypatch)
+    centroids, assignments = kmeans(x, 5, iterations=200, spherical=False, init=init)
+    assert len(calls) < 50
+    reference = KMeans(5, init=init.numpy(), n_init=1, max_iter=300, algorithm="lloyd", tol=0).fit(x.numpy())
+    np.testing.assert_allclose(centroids.numpy(), reference.cluster_centers_, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(assignments.numpy(), reference.labels_)
+
+
+def test_tol_follows_scikit_learn_rule(monkeypatch):
+    x = torch.randn(4000, 6, generator=torch.Generator().manual_seed(0))
+    init = _initial_centroids(x, 20, "random", 0, spherical=False, chunk_size=1024)
+    calls = _count_assignment_passes(monkeypatch)
+    centroids, assignments = kmeans(x, 20, iterations=300, spherical=False, init=init, tol=1e-3)
+    reference = KMeans(20, init=init.numpy(), n_init=1, max_iter=300, algorithm="lloyd", tol=1e-3).fit(
+        x.numpy()
+    )
+    # Iterations made plus the final assignment; scikit-learn checks the same shift against the same scale.
+    assert abs((len(calls) - 1) - reference.n_iter_) <= 1
+    assert abs(inertia(x, centroids, assignments) / reference.inertia_ - 1) < 0.005
+    with pytest.raises(ValueError, match="tol"):
+        kmeans(x, 3, tol=-1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_subsample_fit_then_full_passes_matches_full_fit(monkeypatch, backend):
+    x, _ = blobs(n=20000, dim=16, centers=12, seed=3)
+    init = _initial_centroids(x, 12, "k-means++", 3, spherical=False, chunk_size=1024)
+    options = dict(iterations=30, spherical=False, init=init, backend=backend, tol=1e-4)
+    full = kmeans(x, 12, **options)
+    calls = _count_assignment_passes(monkeypatch)
+    sampled = kmeans(x, 12, sample_size=2000, **options)
+    assert calls and min(calls) < 3000  # the first iterations ran on the subsample
+    assert abs(inertia(x, *sampled) / inertia(x, *full) - 1) < 0.01
+    seeded = kmeans(x, 12, iterations=30, spherical=False, seed=1, backend=backend, sample_size=2000)
+    again = kmeans(x, 12, iterations=30, spherical=False, seed=1, backend=backend, sample_size=2000)
+    assert torch.equal(seeded[1], again[1])
+    with pytest.raises(ValueError, match="sample_size"):
+        kmeans(x, 12, sample_size=5)
+
+
 @pytest.mark.parametrize(
     ("x", "k", "message"),
     [
@@ -140,3 +200,20 @@ def test_empty_cluster_repair_is_the_same_on_two_processes():
     for centroids, _ in results:
         torch.testing.assert_close(centroids, expected[0])
     np.testing.assert_array_equal(torch.cat([a for _, a in results]).numpy(), expected[1].numpy())
+
+
+def _sampled_kmeans_on_shard(rank, world_size, x, init):
+    return kmeans(
+        x.chunk(world_size)[rank], 5, iterations=20, spherical=False, init=init, tol=1e-4, sample_size=500
+    )
+
+
+@pytest.mark.distributed
+def test_subsample_fit_on_two_processes_agrees_across_ranks_and_with_one():
+    x, _ = blobs(n=4000, dim=8, centers=5)
+    init = _initial_centroids(x, 5, "k-means++", 0, spherical=False, chunk_size=1024)
+    single = kmeans(x, 5, iterations=20, spherical=False, init=init, tol=1e-4, sample_size=500)
+    results = run_distributed(_sampled_kmeans_on_shard, 2, x, init)
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assignments = torch.cat([a for _, a in results])
+    assert abs(inertia(x, results[0][0], assignments) / inertia(x, *single) - 1) < 0.01

@@ -1,10 +1,16 @@
 import numpy as np
 import pytest
+import torch
 
+from agreement.kmeans import inertia
+from entities.benchmark import official_stages, synthetic_faces
+from entities.metrics import evaluate
+from entities.names import UNKNOWN
 from entities.pipeline import discover, discover_records
 from entities.records import FaceRecords, RecordsError, load_records, records_from_rows, save_records
 from entities.stages import (
     agree_on_names,
+    cluster_faces,
     cluster_name_graph,
     one_name_per_frame,
     random_weak_labels,
@@ -106,3 +112,33 @@ def test_discover_clamps_k_and_handles_faces_without_names():
     with pytest.warns(UserWarning, match="no face has a weak name"):
         result = discover_records(records, ["A"], k=2)
     assert list(result) == ["Unknown"] * 3
+
+
+def test_subsample_fit_is_as_tight_as_the_full_fit():
+    # k=30 over 200 people has many equally good local optima, so compare the k-means objective, not labels.
+    x, _, _ = synthetic_faces(12_000, dim=64, seed=1)
+    points = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+
+    def objective(assignments):
+        labels = torch.from_numpy(assignments)
+        centroids = torch.zeros(30, x.shape[1]).index_add_(0, labels, points)
+        centroids /= torch.bincount(labels, minlength=30).clamp_min(1)[:, None]
+        return inertia(points, centroids, labels)
+
+    full = objective(cluster_faces(x, 30, iterations=50, sample_size=None, seed=0))
+    sampled = objective(cluster_faces(x, 30, iterations=50, sample_size=3000, full_iterations=5, seed=0))
+    assert sampled <= 1.01 * full
+
+
+def test_discover_at_scale_matches_the_official_pipeline_accuracy():
+    # The benchmark's comparison at a size a test can afford, the subsample path included.
+    x, weak_ids, truth = synthetic_faces(20_000, dim=128, seed=2)
+    cast = [f"Cast{i}" for i in range(8)]
+    classes = [*cast, UNKNOWN]
+    names = [[classes[i] for i in ids] for ids in weak_ids]
+    official, _ = official_stages(x, weak_ids, len(classes), 30, 0)
+    ours = discover(
+        x, names, np.arange(len(x)) // 2, cast, k=30, refine_iterations=1, kmeans_sample_size=5000
+    )
+    official_accuracy = evaluate(truth, official, classes)["accuracy"]
+    assert evaluate(truth, ours.stage3, classes)["accuracy"] >= official_accuracy - 0.005

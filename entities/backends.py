@@ -147,30 +147,33 @@ class DlibEmbedder:
 
 
 class OpenClipEmbedder:
-    """An open_clip image encoder on face (or scene) crops, with weights from a local file.
+    """An open_clip image encoder on face (or scene) crops; L2-normalised embeddings of the model's size.
 
-    Without ``weights`` the model is randomly initialised (said in the log): useful for wiring, not for names.
+    ``weights`` is a local file or an already cached open_clip tag, loaded strictly by ``prompts.clip.build_clip``
+    (nothing is downloaded). Without weights the model is randomly initialised, with a warning: useful for
+    wiring, not for names. Crops go through the model's own open_clip evaluation preprocessing.
     """
 
     def __init__(self, model: str = "ViT-B-32", weights: str | None = None, margin: float = 0.2) -> None:
-        open_clip = optional_import("open_clip", purpose="open_clip image embeddings")
+        optional_import("open_clip", purpose="open_clip image embeddings")
         import torch
+        from open_clip.transform import PreprocessCfg, image_transform_v2
 
-        if weights is not None and not Path(weights).is_file():
-            raise FileNotFoundError(f"{weights}: open_clip weights file not found")
-        if weights is None:
-            log.warning("open_clip model %s has no weights file: using a randomly initialised encoder", model)
+        from prompts.clip import build_clip
+
+        bundle = build_clip(model, pretrained=weights)
         self._torch = torch
-        self._model, _, self._preprocess = open_clip.create_model_and_transforms(model, pretrained=weights)
-        self._model.eval()
+        self._model = bundle.model.eval()
+        self._preprocess = image_transform_v2(PreprocessCfg(**bundle.preprocess_cfg), is_train=False)
         self.margin = margin
+        self.dim = int(bundle.model.visual.output_dim)
 
     def embed(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         from PIL import Image
 
         boxes = np.asarray(boxes).reshape(-1, 4)
         if len(boxes) == 0:
-            return np.zeros((0, 0), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32)
         batch = self._torch.stack(
             [self._preprocess(Image.fromarray(crop(image, box, self.margin))) for box in boxes]
         )

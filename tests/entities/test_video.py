@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from agreement._optional import optional_import
-from entities.backends import DlibDetector, DlibEmbedder, OpenCVCascadeDetector, make_detector
+from entities.backends import (
+    DlibDetector,
+    DlibEmbedder,
+    OpenClipEmbedder,
+    OpenCVCascadeDetector,
+    make_detector,
+)
 from entities.cli import main
 from entities.names import Gazetteer
 from entities.video import VideoError, VideoOptions, records_from_video
@@ -97,3 +103,65 @@ def test_missing_backend_names_the_extra():
         optional_import("a_face_backend_that_is_not_installed", extra="faces", purpose="face detection")
     with pytest.raises(ValueError, match="unknown face detector"):
         make_detector("mtcnn")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_weights(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    from prompts.clip import build_clip
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        model = build_clip("prompts-tiny-vit").model
+    path = tmp_path_factory.mktemp("clip") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+def test_open_clip_embedder_loads_local_weights_and_embeds_crops(tiny_clip_weights):
+    import torch
+    from PIL import Image
+
+    model, path = tiny_clip_weights
+    embedder = OpenClipEmbedder("prompts-tiny-vit", str(path), margin=0.0)
+    picture = np.full((120, 160, 3), 90, np.uint8)
+    picture[10:110, 20:120] = faces()[0]
+    boxes = np.array([[20, 10, 120, 110], [0, 0, 40, 40]])
+    vectors = embedder.embed(picture, boxes)
+    assert vectors.shape == (2, 32) and embedder.dim == 32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    # By hand: the crop, resized to the model's 32 px (bicubic), normalised with CLIP's mean and std.
+    face = Image.fromarray(picture[10:110, 20:120]).resize((32, 32), Image.BICUBIC)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    pixels = (torch.from_numpy(np.array(face)).permute(2, 0, 1).float() / 255 - mean) / std
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.eval().encode_image(pixels[None]), dim=1)
+    np.testing.assert_allclose(vectors[0], expected[0].numpy(), atol=1e-4)
+    assert embedder.embed(picture, np.zeros((0, 4))).shape == (0, 32)
+
+
+def test_video_path_with_the_open_clip_embedder(episode, tiny_clip_weights):
+    video, subtitles = episode
+    options = VideoOptions(
+        detector="opencv",
+        embedder="open_clip",
+        clip_model="prompts-tiny-vit",
+        clip_weights=str(tiny_clip_weights[1]),
+    )
+    records = records_from_video(video, subtitles, Gazetteer(CAST), options)
+    assert records.embeddings.shape == (len(records), 32) and len(records) > 0
+
+
+def test_open_clip_embedder_bad_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing file"):
+        OpenClipEmbedder("prompts-tiny-vit", str(tmp_path / "missing.safetensors"))
+    other = tmp_path / "other.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"visual.proj": torch.zeros(3, 3)}, str(other))
+    with pytest.raises(ValueError, match="does not match the open_clip architecture"):
+        OpenClipEmbedder("prompts-tiny-vit", str(other))

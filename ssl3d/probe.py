@@ -211,11 +211,19 @@ def _resize_to_grid(feature: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
 def patch_features(
     feature_fn: FeatureFn, images: torch.Tensor, grid: tuple[int, int], batch_size: int = 64
 ) -> torch.Tensor:
-    """Per-patch features ``(N * gh * gw, C)`` in image, row, column order.
+    """Per-patch features ``(N * gh * gw, C)`` in image, row, column order: the levels of
+    ``level_patch_features`` concatenated, so every level weighs the same in a cosine kNN."""
+    return torch.cat(level_patch_features(feature_fn, images, grid, batch_size)[0], dim=1)
+
+
+def level_patch_features(
+    feature_fn: FeatureFn, images: torch.Tensor, grid: tuple[int, int], batch_size: int = 64
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Per-level patch features ``[(N * gh * gw, C_i)]`` in image, row, column order, and each level's stride.
 
     ``feature_fn`` maps ``(B, 1, H, W)`` images to a list of feature maps ``(B, C_i, h_i, w_i)``. Each level
     is resized to the patch grid (bilinear when enlarging, area average when shrinking) and L2-normalised
-    over channels before the levels are concatenated, so every level weighs the same in a cosine kNN.
+    over channels. The stride is the image width over the map width (pixels per feature-map cell).
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
@@ -230,7 +238,8 @@ def patch_features(
     device = parameter.device if parameter is not None else images.device
     if module is not None:
         module.eval()
-    chunks = []
+    chunks: list[list[torch.Tensor]] = []
+    strides: list[float] = []
     try:
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
@@ -240,6 +249,8 @@ def patch_features(
                     levels = [levels]
                 if len(levels) == 0:
                     raise ValueError("feature_fn returned no feature maps")
+                if chunks and len(levels) != len(chunks[0]):
+                    raise ValueError(f"feature_fn returned {len(levels)} levels, then {len(chunks[0])}")
                 resized = []
                 for index, level in enumerate(levels):
                     if not isinstance(level, torch.Tensor) or level.ndim != 4:
@@ -253,16 +264,18 @@ def patch_features(
                         raise ValueError(
                             f"feature_fn level {index} has batch size {level.shape[0]} for {batch.shape[0]} images"
                         )
+                    if not chunks:
+                        strides.append(images.shape[-1] / level.shape[-1])
                     level = _resize_to_grid(level.float(), grid)
-                    resized.append(F.normalize(level, dim=1))
-                stacked = torch.cat(resized, dim=1).permute(0, 2, 3, 1)
-                chunks.append(stacked.reshape(-1, stacked.shape[-1]).cpu())
+                    flat = F.normalize(level, dim=1).permute(0, 2, 3, 1)
+                    resized.append(flat.reshape(-1, flat.shape[-1]).cpu())
+                chunks.append(resized)
     finally:
         if module is not None:
             module.train(was_training)
     if not chunks:
         raise ValueError("images is empty")
-    return torch.cat(chunks)
+    return [torch.cat(parts) for parts in zip(*chunks)], strides
 
 
 def _check_knn_args(k: int, temperature: float) -> None:
@@ -324,6 +337,49 @@ def tissue_knn_probe(
         splits.append((features[split.keep.reshape(-1)], split.kept_labels()))
     (train_x, train_y), (test_x, test_y) = splits
     return _knn_summary(train_x, train_y, test_x, test_y, data.class_names, k, temperature)
+
+
+def level_name(index: int, stride: float, channels: int) -> str:
+    """``"level 1 (stride 4, 64 ch)"``: how the per-level probe names a feature level (1-based, finest first)."""
+    return f"level {index + 1} (stride {stride:g}, {channels} ch)"
+
+
+ALL_LEVELS = "all levels"
+
+
+def tissue_knn_probe_per_level(
+    feature_fn: FeatureFn,
+    data: TissueProbeData | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 64,
+) -> dict[str, dict]:
+    """The tissue probe on each feature level alone and on all levels concatenated (``ALL_LEVELS``).
+
+    Levels are coarser than the probe's patches from some depth on; each alone shows what the encoder keeps
+    at that resolution, where the concatenation is dominated by whichever levels separate the patches least.
+    Keys are ``level_name`` strings, finest first, then ``ALL_LEVELS``; values are ``tissue_knn_probe`` dicts.
+    """
+    _check_knn_args(k, temperature)
+    data = make_tissue_probe_data() if data is None else data
+    (train_levels, strides), (test_levels, _) = (
+        level_patch_features(feature_fn, split.images, data.grid, batch_size=batch_size)
+        for split in (data.train, data.test)
+    )
+    train_keep, test_keep = data.train.keep.reshape(-1), data.test.keep.reshape(-1)
+    train_y, test_y = data.train.kept_labels(), data.test.kept_labels()
+    candidates = [
+        (level_name(i, stride, train.shape[1]), train, test)
+        for i, (train, test, stride) in enumerate(zip(train_levels, test_levels, strides))
+    ]
+    if len(candidates) > 1:
+        candidates.append((ALL_LEVELS, torch.cat(train_levels, dim=1), torch.cat(test_levels, dim=1)))
+    return {
+        name: _knn_summary(
+            train[train_keep], train_y, test[test_keep], test_y, data.class_names, k, temperature
+        )
+        for name, train, test in candidates
+    }
 
 
 def intensity_patch_features(images: torch.Tensor, patch: int) -> torch.Tensor:

@@ -44,8 +44,14 @@ def test_demo_pipeline_writes_the_whole_run_folder(tmp_path, capsys):
         torch.testing.assert_close(value, checkpoint["state_dict"][f"encoder.backbone.{key}"])
 
     probe = json.loads((run_dir / "probe.json").read_text())
-    assert [row["features"] for row in probe] == ["pretrained encoder", "random encoder", "raw intensities"]
-    assert all(0.0 <= row["accuracy"] <= 1.0 for row in probe)
+    names = [row["features"] for row in probe["rows"]]
+    assert names[-1] == "all levels" and all(name.startswith("level ") for name in names[:-1])
+    assert names == list(probe["pretrained"]) and len(probe["random"]) == 3
+    for row in probe["rows"]:
+        assert 0.0 <= row["pretrained"] <= 1.0 and 0.0 <= row["random mean"] <= 1.0
+        seeds = [result[row["features"]]["accuracy"] for result in probe["random"]]
+        assert row["beats every random seed"] == (row["pretrained"] > max(seeds))
+    assert 0.0 <= probe["raw intensities"]["accuracy"] <= 1.0
     assert summary["steps"] == 4
     out = capsys.readouterr().out
     assert "Tissue kNN probe" in out and str(run_dir) in out

@@ -16,6 +16,7 @@ from ssl3d.probe import (  # noqa: E402
     patch_label_grid,
     slice_bands,
     tissue_knn_probe,
+    tissue_knn_probe_per_level,
 )
 
 
@@ -264,6 +265,27 @@ def test_probe_with_true_labels_as_features_succeeds(data):
     pixel_labels = torch.cat([data.train.pixel_labels, data.test.pixel_labels])
     fractions = _lookup_fn(data, lambda i: F.one_hot(pixel_labels[i], 4).permute(2, 0, 1).float())
     assert tissue_knn_probe(fractions, data)["accuracy"] >= 0.9
+
+
+def test_per_level_probe_scores_each_level_alone_and_all_together(data):
+    patch_labels = torch.cat([data.train.patch_labels, data.test.patch_labels])
+    exact = _lookup_fn(
+        data, lambda i: F.one_hot(patch_labels[i], 4).permute(2, 0, 1).float()
+    )  # at the patch grid: stride 4
+
+    def two_levels(images):
+        return [exact(images)[0], torch.ones(images.shape[0], 8, 2, 2)]
+
+    results = tissue_knn_probe_per_level(two_levels, data)
+    assert list(results) == ["level 1 (stride 4, 4 ch)", "level 2 (stride 32, 8 ch)", "all levels"]
+    assert results["level 1 (stride 4, 4 ch)"]["accuracy"] == 1.0
+    assert results["level 2 (stride 32, 8 ch)"] == tissue_knn_probe(lambda x: [two_levels(x)[1]], data)
+    assert results["all levels"] == tissue_knn_probe(two_levels, data)
+    frequencies = torch.bincount(data.test.kept_labels()).float() / data.test.num_patches
+    assert results["level 2 (stride 32, 8 ch)"]["accuracy"] <= float(frequencies.max()) + 1e-6
+    assert list(tissue_knn_probe_per_level(lambda x: [two_levels(x)[1]], data)) == [
+        "level 1 (stride 32, 8 ch)"
+    ]
 
 
 def test_probe_with_constant_features_is_at_chance(data):

@@ -278,6 +278,39 @@ def level_patch_features(
     return [torch.cat(parts) for parts in zip(*chunks)], strides
 
 
+def recalibrate_batchnorm(
+    module: nn.Module, images: torch.Tensor, forward: FeatureFn | None = None, batch_size: int = 64
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance on ``images`` (in place; returns ``module``).
+
+    A freshly initialised network normalises with mean 0 and variance 1, a trained one with the statistics of
+    its training data, so comparing their frozen features would reward the statistics rather than the
+    weights. Both get the exact averages over the same unlabelled images instead (cumulative, ``momentum=None``).
+    ``forward`` is the call that runs the layers (default ``module`` itself); weights are not touched.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or images.shape[0] == 0:
+        return module
+    was_training = module.training
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    parameter = next(module.parameters(), None)
+    device = parameter.device if parameter is not None else images.device
+    run = forward if forward is not None else module
+    module.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                run(images[start : start + batch_size].to(device))
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        module.train(was_training)
+    return module
+
+
 def _check_knn_args(k: int, temperature: float) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")

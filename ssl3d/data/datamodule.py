@@ -73,6 +73,7 @@ class JointSSLDataModule(pl.LightningDataModule):
         slices_per_volume: int | None = None,
         min_foreground: float = 0.05,
         crop_scale_2d: tuple[float, float] | list[float] = (0.3, 1.0),
+        jitter_2d: float = 0.4,
         cache: str | None = "memory",
         cache_dir: str | None = None,
         skip_bad_files: bool = False,
@@ -103,6 +104,8 @@ class JointSSLDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"JointSSLDataModule: crop_scale_2d must be (low, high) in (0, 1], got {crop_scale_2d}"
             )
+        if not 0.0 <= jitter_2d < 1.0:
+            raise ValueError(f"JointSSLDataModule: jitter_2d must be in [0, 1), got {jitter_2d}")
         self.use_demo = demo or (datalist is None and data_dir is None)
         axes = slice_axes if slice_axes is not None else ([0, 1, 2] if self.use_demo else [slice_axis])
         if not axes or any(a not in (0, 1, 2) for a in axes):
@@ -199,7 +202,7 @@ class JointSSLDataModule(pl.LightningDataModule):
             tensors,
             images,
             self.loader,
-            views2d=TwoViews2D(size=self.loader.size, scale=tuple(hp.crop_scale_2d)),
+            views2d=TwoViews2D(size=self.loader.size, scale=tuple(hp.crop_scale_2d), jitter=hp.jitter_2d),
             slices_per_volume=hp.slices_per_volume,
             min_foreground=hp.min_foreground,
         )

@@ -109,8 +109,9 @@ class TwoViews2D:
         transform: Callable | None = None,
         size: Sequence[int] = (64, 64),
         scale: Sequence[float] = (0.3, 1.0),
+        jitter: float = 0.4,
     ) -> None:
-        self.transform = transform if transform is not None else view_transform_2d(size, scale)
+        self.transform = transform if transform is not None else view_transform_2d(size, scale, jitter=jitter)
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(image).contiguous(), self.transform(image).contiguous()

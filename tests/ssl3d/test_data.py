@@ -18,6 +18,7 @@ from ssl3d.data import (
     SeededSampler,
     SliceViewsDataset,
     TwoDifferentVolumeViews,
+    TwoViews2D,
     VolumeLoader,
     VolumeSource,
     VolumeViewsDataset,
@@ -25,6 +26,7 @@ from ssl3d.data import (
     list_images,
     list_volumes,
     load_image,
+    view_transform_2d,
 )
 from ssl3d.data import datamodule as datamodule_module
 
@@ -511,6 +513,22 @@ def test_datamodule_checks_batch_sizes_and_arguments(tmp_path):
         JointSSLDataModule(cache="ram")
     with pytest.raises(ValueError, match="slice_axes"):
         JointSSLDataModule(slice_axes=[3])
+    with pytest.raises(ValueError, match="jitter_2d"):
+        JointSSLDataModule(jitter_2d=1.5)
+
+
+def test_2d_views_without_intensity_jitter_keep_intensities():
+    image = torch.rand(1, 32, 32)
+    flat = torch.full((1, 32, 32), 0.7)
+    views = TwoViews2D(view_transform_2d((32, 32), (1.0, 1.0), flip_p=0.0, jitter=0.0, blur_p=0.0))
+    first, second = views(flat)
+    assert torch.allclose(first, flat) and torch.allclose(second, flat)
+    jittered = TwoViews2D(
+        view_transform_2d((32, 32), (1.0, 1.0), flip_p=0.0, jitter=0.4, jitter_p=1.0, blur_p=0.0)
+    )
+    torch.manual_seed(0)
+    assert not torch.allclose(jittered(image)[0], image)
+    assert TwoViews2D(size=(32, 32), jitter=0.0).transform.transforms[2].transforms[0].brightness is None
 
 
 def test_each_rank_caches_only_its_shard(tmp_path, monkeypatch):

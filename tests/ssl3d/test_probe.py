@@ -14,6 +14,7 @@ from ssl3d.probe import (  # noqa: E402
     make_tissue_probe_data,
     patch_features,
     patch_label_grid,
+    recalibrate_batchnorm,
     slice_bands,
     tissue_knn_probe,
     tissue_knn_probe_per_level,
@@ -328,3 +329,24 @@ def test_intensity_baseline_beats_chance_and_encodes_level(data):
     a, b = intensity_patch_features(grey, 4), intensity_patch_features(white, 4)
     assert float(F.cosine_similarity(a, b)) < 0.99
     assert torch.allclose(a.norm(dim=1), b.norm(dim=1))
+
+
+def test_recalibrate_batchnorm_uses_the_exact_statistics_of_the_images():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 3, 3)
+    norm = nn.BatchNorm2d(3, momentum=0.3)
+    module = nn.Sequential(conv, norm, nn.ReLU()).eval()
+    weights = {
+        k: v.clone() for k, v in module.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
+    images = torch.rand(10, 1, 8, 8) * 3 + 1
+    recalibrate_batchnorm(module, images, batch_size=5)  # two batches of equal size: the mean of means
+    with torch.no_grad():
+        activations = conv(images)
+    batch_vars = [activations[i : i + 5].var(dim=(0, 2, 3), unbiased=True) for i in (0, 5)]
+    torch.testing.assert_close(norm.running_mean, activations.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.running_var, torch.stack(batch_vars).mean(0), rtol=1e-5, atol=1e-5)
+    assert not module.training and norm.momentum == 0.3
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in weights.items())
+    bare = nn.Conv2d(1, 2, 3)
+    assert recalibrate_batchnorm(bare, images) is bare

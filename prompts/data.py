@@ -220,13 +220,22 @@ def _read_csv(path: Path, classnames_file: str | None) -> dict[str, list[Item]]:
         raise ValueError(
             f"{path}: need a header with columns path,label,split (and classname or a names file)"
         )
+    for line, r in enumerate(rows, start=2):
+        missing = [column for column, value in r.items() if value is None]
+        if missing:
+            raise ValueError(f"{path}: line {line}: no value for {', '.join(missing)}")
+        value = r.get("label")
+        if value is None or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"{path}: line {line}: label must be an integer, got {value!r}")
     labels = sorted({int(r["label"]) for r in rows})
     if classnames_file:
         names = _read_classnames_file(classnames_file)
     elif "classname" in rows[0]:
         by_label: dict[int, str] = {}
         for r in rows:
-            by_label.setdefault(int(r["label"]), r["classname"])
+            first = by_label.setdefault(int(r["label"]), r["classname"])
+            if first != r["classname"]:
+                raise ValueError(f"{path}: label {r['label']} is named both {first!r} and {r['classname']!r}")
         names = [by_label.get(i, "") for i in range(max(labels) + 1)]
     else:
         raise ValueError(f"{path}: no classname column and no classnames file given")

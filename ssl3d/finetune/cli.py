@@ -56,6 +56,8 @@ def resolve_encoder(
         )
         summary = pretrain(list(pretrain_args))
         found = Path(summary["encoder"]).parent
+    # Absolute, so that the path recorded in the run's config works from any directory.
+    found = found.resolve()
     print(f"Encoder: {found}")
     return str(found)
 

@@ -67,3 +67,20 @@ def write_datalist(folder: Path, train: int = 2, val: int = 1, test: int = 1) ->
     path = folder / "datalist.json"
     path.write_text(json.dumps(lists))
     return path
+
+
+def segmentation_args(datalist: Path, encoder: str | Path | None) -> list[str]:
+    """Tiny ``scripts/finetune.py`` segmentation arguments on a ``write_datalist`` set (one epoch, no bars)."""
+    return [
+        f"--data.init_args.datalist={datalist}",
+        "--data.init_args.class_names=[background, ball, box]",
+        "--data.init_args.label_map={0: 0, 1: 1, 2: 2}",
+        "--data.init_args.size=[32, 32]",
+        "--data.init_args.batch_size=8",
+        f"--model.init_args.backbone={TINY_BACKBONE}",
+        f"--model.init_args.encoder={encoder}",
+        "--model.init_args.lr=0.01",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]

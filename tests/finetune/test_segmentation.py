@@ -5,24 +5,11 @@ import numpy as np
 import pytest
 
 from ssl3d.finetune.cli import latest_encoder, main, resolve_encoder
-from tests.finetune.helpers import AFFINE, TINY_BACKBONE, make_encoder, write_datalist
+from tests.finetune.helpers import AFFINE, make_encoder, segmentation_args, write_datalist
 
 
 def _args(tmp_path, datalist, encoder):
-    return [
-        f"--run_dir={tmp_path / 'run'}",
-        f"--data.init_args.datalist={datalist}",
-        "--data.init_args.class_names=[background, ball, box]",
-        "--data.init_args.label_map={0: 0, 1: 1, 2: 2}",
-        "--data.init_args.size=[32, 32]",
-        "--data.init_args.batch_size=8",
-        f"--model.init_args.backbone={TINY_BACKBONE}",
-        f"--model.init_args.encoder={encoder}",
-        "--model.init_args.lr=0.01",
-        "--trainer.max_epochs=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
+    return [f"--run_dir={tmp_path / 'run'}", *segmentation_args(datalist, encoder)]
 
 
 def test_cli_fine_tunes_from_both_initialisations_and_writes_predictions(tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 import ssl3d.pretrain
 from ssl3d.export import load_state_dict_file
 from ssl3d.finetune.cli import PRETRAIN_ROOT, latest_encoder, main, resolve_encoder
-from tests.finetune.helpers import TINY_BACKBONE, write_datalist
+from tests.finetune.helpers import segmentation_args, write_datalist
 from tests.ssl3d.test_pretrain_cli import TINY_ARGS
 
 
@@ -31,21 +31,7 @@ def _pretrain_args(workdir: Path) -> list[str]:
 
 
 def _finetune_args(datalist: Path, pretrain_args: list[str], *extra: str) -> list[str]:
-    return [
-        f"--data.init_args.datalist={datalist}",
-        "--data.init_args.class_names=[background, ball, box]",
-        "--data.init_args.label_map={0: 0, 1: 1, 2: 2}",
-        "--data.init_args.size=[32, 32]",
-        "--data.init_args.batch_size=8",
-        f"--model.init_args.backbone={TINY_BACKBONE}",
-        "--model.init_args.encoder=latest",
-        "--model.init_args.lr=0.01",
-        "--trainer.max_epochs=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--pretrain_args={json.dumps(pretrain_args)}",
-        *extra,
-    ]
+    return [*segmentation_args(datalist, "latest"), f"--pretrain_args={json.dumps(pretrain_args)}", *extra]
 
 
 @pytest.fixture(scope="module")

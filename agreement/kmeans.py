@@ -169,13 +169,12 @@ def _kmeans_torch(
     tol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = centroids.shape[0]
-    point_sq = torch.linalg.vector_norm(x, dim=1) ** 2
+    # Unit points need no norms for the assignment, only for the tolerance's scale.
+    point_sq = torch.linalg.vector_norm(x, dim=1) ** 2 if not spherical or tol > 0 else None
     threshold = tol * _mean_variance(x, point_sq) if tol > 0 else 0.0
     previous: torch.Tensor | None = None
     for _ in range(iterations):
-        assignments, distances = _nearest(
-            x, centroids, spherical, chunk_size, None if spherical else point_sq
-        )
+        assignments, distances = _nearest(x, centroids, spherical, chunk_size, point_sq)
         sums = torch.zeros_like(centroids).index_add_(0, assignments, x)
         changed = x.shape[0] if previous is None else int(assignments.ne(previous).sum())
         stats = torch.bincount(assignments, minlength=k)
@@ -191,9 +190,9 @@ def _kmeans_torch(
         if spherical:
             updated = torch.nn.functional.normalize(updated, dim=1)
         updated = _repair_empty_clusters(x, updated, counts, distances)
-        shift = float(((updated - centroids) ** 2).sum())
+        converged = tol > 0 and float(((updated - centroids) ** 2).sum()) <= threshold
         centroids, previous = updated, assignments
-        if tol > 0 and shift <= threshold:
+        if converged:
             break
     assignments, _ = _nearest(x, centroids, spherical, chunk_size)
     return centroids, assignments

@@ -206,8 +206,8 @@ def one_name_per_frame(
 def _prototypes(
     embeddings: np.ndarray, labels: np.ndarray, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    sums = torch.zeros(num_classes, embeddings.shape[1], dtype=torch.from_numpy(embeddings[:1]).dtype)
-    sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(np.ascontiguousarray(embeddings)))
+    points = torch.from_numpy(np.ascontiguousarray(embeddings))
+    sums = points.new_zeros(num_classes, points.shape[1]).index_add_(0, torch.from_numpy(labels), points)
     counts = np.bincount(labels, minlength=num_classes)
     present = counts > 0
     prototypes = sums.numpy()
@@ -249,15 +249,15 @@ def refine_with_prototypes(
     else:
         movable = np.isin(labels, np.asarray(list(target), dtype=np.int64))
     index = np.flatnonzero(movable)
+    moving = x[index]
     passes = 0
     while passes < max_iterations:
         passes += 1
         prototypes, present = _prototypes(x, labels, num_classes)
         if distance == "cosine":
             prototypes = prototypes / np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
-            dist = -x[index] @ prototypes.T
+            dist = -moving @ prototypes.T
         else:
-            moving = x[index]
             # ||x||^2 is the same for every prototype, so the argmin needs only ||p||^2 - 2 x.p.
             dist = (prototypes**2).sum(1)[None] - 2 * moving @ prototypes.T
         dist[:, ~present] = np.inf

@@ -93,10 +93,12 @@ class DeepClusterV2Clustering(nn.Module):
 
     The memory bank and the assignment table are indexed by global sample index and sized by :meth:`allocate`
     (once the dataset is known); both are buffers, so checkpoints carry them. Head ``h`` clusters the memory of view
-    ``h % num_views``, as DeepCluster-V2 does with its ``crops_for_assign``.
+    ``h % num_views``, as DeepCluster-V2 does with its ``crops_for_assign``. The prototypes are the centroids and
+    take no gradient (DeepCluster-V2 freezes them for its whole run): the loss trains the embedding only.
     """
 
     assignments: torch.Tensor
+    clustered_epoch: torch.Tensor
 
     def __init__(
         self,
@@ -109,13 +111,15 @@ class DeepClusterV2Clustering(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = dim
-        self.prototypes = Prototypes(dim, list(num_prototypes))
+        self.prototypes = Prototypes(dim, list(num_prototypes)).requires_grad_(False)
         self.temperature = temperature
         self.kmeans_iterations = kmeans_iterations
         self.num_views = num_views
         self.backend = backend
         self.memory: MemoryBank | None = None
         self.register_buffer("assignments", torch.full((len(num_prototypes), 0), -1, dtype=torch.long))
+        # The epoch whose k-means produced the current assignments: a run resumed within that epoch keeps them.
+        self.register_buffer("clustered_epoch", torch.tensor(-1, dtype=torch.long))
 
     @property
     def size(self) -> int:
@@ -140,6 +144,8 @@ class DeepClusterV2Clustering(nn.Module):
         key = prefix + "assignments"
         if key in state_dict:
             self.allocate(state_dict[key].shape[1])
+            # States saved before the epoch was recorded: k-means runs again at the next epoch start.
+            state_dict.setdefault(prefix + "clustered_epoch", torch.tensor(-1, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
@@ -157,14 +163,19 @@ class DeepClusterV2Clustering(nn.Module):
         return loss
 
     @torch.no_grad()
-    def recluster(self, seed: int) -> None:
+    def recluster(self, seed: int, epoch: int | None = None) -> None:
         """Spherical k-means on the memory bank; prototypes become the centroids, assignments are refreshed.
 
         Each rank holds the whole bank and clusters its own contiguous share of it, so the k-means is the
-        distributed one and gives the same result on any number of processes.
+        distributed one and gives the same result on any number of processes. With ``epoch``, a second call for
+        the same epoch (a run resumed within it) keeps the assignments that epoch started with.
         """
         if self.memory is None or self.memory.num_filled == 0:
             return
+        if epoch is not None:
+            if int(self.clustered_epoch) == epoch:
+                return
+            self.clustered_epoch.fill_(epoch)
         for head, k in enumerate(self.prototypes.num_prototypes):
             features, indices = self.memory.features_for_clustering(head % self.num_views)
             if features.shape[0] < k:
@@ -189,7 +200,7 @@ class DeepClusterV2Clustering(nn.Module):
             self.assignments[head, indices] = dist.all_gather(local.to(self.assignments.device))
 
     def before_step(self) -> None:
-        """Nothing to do: the prototypes move freely between two k-means runs."""
+        """Nothing to do: the prototypes are the centroids of the last k-means."""
 
     def after_backward(self, step: int) -> None:
         """Nothing to do: DeepCluster-V2 never freezes its prototypes."""

@@ -7,6 +7,22 @@ import torch
 from torch import nn
 
 
+def create_backbone(name: str, in_chans: int = 1) -> nn.Module:
+    """A randomly initialised timm backbone without classifier, residual branches switched on.
+
+    timm zero-initialises the last normalisation of each residual block (``zero_init_last``), which suits
+    supervised training with plain SGD; SwAV, DeepCluster-V2 and the official joint-SSL code start from
+    ``zero_init_residual=False`` instead. Under LARS (trust 0.001) a zero gamma grows by at most ~0.3% per
+    step, so the residual branches would stay off for most of a run.
+    """
+    try:
+        return timm.create_model(
+            name, pretrained=False, in_chans=in_chans, num_classes=0, zero_init_last=False
+        )
+    except TypeError:  # model families without residual blocks do not take the argument
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0)
+
+
 class SliceEncoder(nn.Module):
     """Embeds single-channel 2D images (or the slices of volumes) into ``d_model``-dimensional vectors.
 
@@ -31,7 +47,7 @@ class SliceEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone_name = backbone
-        self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0)
+        self.backbone = create_backbone(backbone)
         if pretrained_path is not None:
             from ssl3d.export import load_state_dict_file
 

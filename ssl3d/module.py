@@ -14,18 +14,20 @@ encoder frozen, then 3D only), by the epoch boundaries in ``curriculum_epochs``.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from agreement.clustering import DeepClusterV2Clustering, SwAVClustering
 from agreement.losses import masked_embedding_regression
 from agreement.prototypes import ProjectionHead
 from ssl3d.attention import MaskedSliceModel, SliceTransformer, random_slice_mask
 from ssl3d.encoder import SliceEncoder
-from ssl3d.optim import WarmupCosineSchedule, build_optimizer
+from ssl3d.optim import WarmupCosineSchedule, build_optimizer, parameter_groups, scaled_lr
 from ssl3d.rng import rng_state, set_rng_state
 
 Clustering = Literal["swav", "deepcluster"]
@@ -59,6 +61,10 @@ class JointSSL(pl.LightningModule):
         curriculum_epochs: epochs of stages 1 and 2 for the curriculum; the rest is stage 3.
         optimizer: ``"lars"`` (SGD + LARS, the official recipe), ``"adamw"`` or ``"sgd"``.
         lr, final_lr_ratio, weight_decay, momentum, trust_coefficient, warmup_epochs: the per-step schedule.
+        lr_reference_batch: ``lr`` is per this many 2D samples and scales linearly with the global 2D batch
+            (batch x processes x accumulation), SwAV/DeepCluster-V2's rule (0.6 per 256, 4.8 at 4096); ``None``
+            takes ``lr`` as it is.
+        exclude_bias_and_norm: biases and normalisation parameters get no weight decay and no LARS adaptation.
         channels_last: run the 2D backbone in channels-last memory format (faster convolutions on GPU).
         seed: seeds the per-epoch k-means (the run's global seed is ``seed_everything``'s).
     """
@@ -101,12 +107,14 @@ class JointSSL(pl.LightningModule):
         schedule: Literal["joint", "curriculum"] = "joint",
         curriculum_epochs: tuple[int, int] = (1, 1),
         optimizer: Literal["lars", "adamw", "sgd"] = "lars",
-        lr: float = 0.01,
-        final_lr_ratio: float = 0.0,
+        lr: float = 0.6,
+        lr_reference_batch: int | None = 256,
+        final_lr_ratio: float = 0.001,
         weight_decay: float = 1e-6,
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
         warmup_epochs: float = 10.0,
+        exclude_bias_and_norm: bool = True,
         channels_last: bool = False,
         seed: int = 0,
     ) -> None:
@@ -163,8 +171,12 @@ class JointSSL(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.clustering == "deepcluster":
             datamodule = self.trainer.datamodule
-            self.clustering_2d.allocate(datamodule.num_slice_samples)
-            self.clustering_3d.allocate(datamodule.num_volume_samples)
+            for clustering, size in (
+                (self.clustering_2d, datamodule.num_slice_samples),
+                (self.clustering_3d, datamodule.num_volume_samples),
+            ):
+                if size:  # a branch without data (e.g. 2D images only) has nothing to remember
+                    clustering.allocate(size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_state"] = rng_state()
@@ -203,11 +215,44 @@ class JointSSL(pl.LightningModule):
         return self.transformer.volume_embedding(self.slice_tokens(volumes))
 
     # ---------------------------------------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        if self.hparams.clustering != "deepcluster":
+            return
+        banks = [c.memory for c in (self.clustering_2d, self.clustering_3d) if c.memory is not None]
+        if not any(bank.num_filled for bank in banks):  # a resumed run has its banks from the checkpoint
+            self.init_memory()
+
+    @torch.no_grad()
+    def init_memory(self) -> None:
+        """Fill the DeepCluster-V2 memory banks with one pass over the training data before the first step.
+
+        Without it the first k-means has nothing to cluster, every target is -1 and the whole first epoch
+        trains nothing (DeepCluster-V2's ``init_memory``). The pass runs on copies of the training samplers,
+        so the training order is the same as without it; the modules keep their training mode, as there.
+        """
+        loaders = self.trainer.train_dataloader
+        loaders = loaders if isinstance(loaders, dict) else {"slices": loaders}
+        self.encoder.train(not self.encoder_frozen(self.current_epoch))
+        with self.trainer.precision_plugin.forward_context():
+            for key, clustering in (("slices", self.clustering_2d), ("volumes", self.clustering_3d)):
+                for batch in _sampler_copy(loaders[key]) if key in loaders else []:
+                    batch = self._on_device(batch)
+                    if key == "slices":
+                        views = self._slice_views(batch)
+                    else:
+                        size = batch["view1"].shape[0]
+                        tokens = self.slice_tokens(torch.cat([batch["view1"], batch["view2"]]))
+                        views = list(self.transformer.volume_embedding(tokens).split(size))
+                    clustering.memory.update(batch["index"], [v.float() for v in views])
+
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def on_train_epoch_start(self) -> None:
         if self.hparams.clustering == "deepcluster":
             seed = self.hparams.seed + 1000 * self.current_epoch
-            self.clustering_2d.recluster(seed)
-            self.clustering_3d.recluster(seed + 500)
+            self.clustering_2d.recluster(seed, epoch=self.current_epoch)
+            self.clustering_3d.recluster(seed + 500, epoch=self.current_epoch)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         step = self.global_step
@@ -217,13 +262,23 @@ class JointSSL(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.clustering_2d.before_step()
         self.clustering_3d.before_step()
+        # A frozen encoder (the curriculum's mask stage) must not drift its BatchNorm statistics either.
+        self.encoder.train(not self.encoder_frozen(self.current_epoch))
 
-    def _intra_loss(self, slices: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encoder_frozen(self, epoch: int) -> bool:
+        """Whether no loss in effect at ``epoch`` trains the slice encoder."""
+        w_intra, w_inter, w_mask = self.stage_weights(epoch)
+        return w_intra == 0 and w_inter == 0 and (w_mask == 0 or not self.hparams.mask_trains_encoder)
+
+    def _slice_views(self, slices: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The L2-normalised projections of both 2D views, one (B, projection_dim) tensor per view."""
         batch = slices["view1"].shape[0]
         embeddings = self.embed_slices(torch.cat([slices["view1"], slices["view2"]]))
         z = nn.functional.normalize(self.projection_2d(embeddings), dim=1)
-        views = list(z.split(batch))
-        return self._agreement(self.clustering_2d, views, slices["index"])
+        return list(z.split(batch))
+
+    def _intra_loss(self, slices: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._agreement(self.clustering_2d, self._slice_views(slices), slices["index"])
 
     def _agreement(
         self, clustering: nn.Module, views: list[torch.Tensor], index: torch.Tensor
@@ -279,18 +334,39 @@ class JointSSL(pl.LightningModule):
         return self.clustering_2d.cluster_assignments() + self.clustering_3d.cluster_assignments()
 
     # --------------------------------------------------------------------------------------------- optimiser
+    def global_batch_size(self) -> int:
+        """2D samples per optimizer step over all processes (volumes when there are no 2D samples)."""
+        loaders = self.trainer.train_dataloader
+        if isinstance(loaders, dict):
+            loaders = loaders.get("slices") or loaders["volumes"]
+        return loaders.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))  # also loads the training data
+        lr = scaled_lr(hp.lr, self.global_batch_size(), hp.lr_reference_batch)
         optimizer = build_optimizer(
-            [p for p in self.parameters() if p.requires_grad],
+            parameter_groups(self, hp.exclude_bias_and_norm),
             name=hp.optimizer,
-            lr=hp.lr,
+            lr=lr,
             weight_decay=hp.weight_decay,
             momentum=hp.momentum,
             trust_coefficient=hp.trust_coefficient,
         )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
         scheduler = WarmupCosineSchedule(optimizer, warmup_steps, total_steps, hp.final_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _sampler_copy(loader: DataLoader) -> DataLoader:
+    """A loader over the same data and batches as ``loader`` whose sampler is a copy, so that iterating it leaves
+    the training sampler's state (passes, epoch) untouched."""
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=copy.copy(loader.sampler),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        drop_last=loader.drop_last,
+    )

@@ -12,12 +12,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
-import timm
 import torch
 from monai.networks.blocks import BaseEncoder
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import nn
 
+from ssl3d.encoder import create_backbone
 from ssl3d.export import load_state_dict_file
 
 BACKBONE_PREFIX = "timm-"
@@ -30,7 +30,7 @@ class EncoderWeightsError(ValueError):
 def create_timm_encoder(model_name: str, in_chans: int = 1) -> nn.Module:
     """The exported architecture: a randomly initialised timm model without classifier (nothing downloaded)."""
     try:
-        return timm.create_model(model_name, pretrained=False, in_chans=in_chans, num_classes=0)
+        return create_backbone(model_name, in_chans)
     except RuntimeError as error:  # timm's "Unknown model" error
         raise ValueError(f"unknown timm model {model_name!r}: {error}") from error
 

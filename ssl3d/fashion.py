@@ -1,0 +1,551 @@
+"""The standard sanity test of a SwAV / DeepCluster-V2 implementation, on Fashion-MNIST: the 2D branch alone.
+
+``JointSSL`` is trained with ``L_intra`` only (no volumes) on unlabelled Fashion-MNIST images, then frozen pooled
+backbone features are classified by a weighted kNN vote (k=20) on the labelled test set. The comparison is the
+same architecture from random initialisations, every encoder's BatchNorm statistics re-estimated on the same
+unlabelled training images; the pretraining seed's own initialisation is one of the random ones, so the gain over
+it is a paired difference. The images come from the Debian package ``dataset-fashion-mnist`` (idx files), or any
+folder of idx files or of one sub-folder of images per class.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from agreement.knn import weighted_knn_predict
+from ssl3d.data.datasets import SeededSampler, _split_key
+from ssl3d.encoder import SliceEncoder
+from ssl3d.module import JointSSL
+from ssl3d.probe import recalibrate_batchnorm
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Evaluation data that is not where it was looked for, with what to install or pass."""
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An idx array (the MNIST file format, plain or gzip-compressed) as a NumPy array."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as error:
+        raise ValueError(f"{path}: cannot read the idx file ({error})") from error
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: not an idx file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(
+            f"{path}: idx header says shape {shape} ({expected} bytes) but the file has {len(raw)}"
+        )
+    return np.frombuffer(raw[header:], dtype=dtype).reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    from PIL import Image
+
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES):
+            try:
+                with Image.open(file) as image:
+                    images.append(np.asarray(image.convert("L"), dtype=np.uint8))
+            except OSError as error:
+                raise ValueError(f"{file}: cannot read the image ({error})") from error
+            labels.append(label)
+    if not images:
+        raise ValueError(f"{folder}: no images in class sub-folders ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+    if len({im.shape for im in images}) != 1:
+        raise ValueError(f"{folder}: images differ in size; give images of one size")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), tuple(classes)
+
+
+def load_fashion_mnist(
+    root: str | Path | None = None, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """``(images, labels, class_names)``: ``(N, 1, H, W)`` float in 0..1 and ``(N,)`` int64 labels of ``split``.
+
+    ``root`` holds ``{train,t10k}-images-idx3-ubyte[.gz]`` and the matching label files, or ``train/`` and
+    ``test/`` folders with one sub-folder of images per class; default: the Debian package's folder.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = Path(root) if root is not None else FASHION_MNIST_DIR
+    if not folder.is_dir():
+        raise DatasetNotFoundError(
+            f"{folder}: Fashion-MNIST not found; install it with `apt-get install dataset-fashion-mnist` "
+            "or pass the folder of its idx files (--data_dir)"
+        )
+    if (folder / split).is_dir():
+        images, labels, classes = _read_image_folder(folder / split)
+    else:
+        prefix = "train" if split == "train" else "t10k"
+        image_file = _find(folder, f"{prefix}-images-idx3-ubyte")
+        label_file = _find(folder, f"{prefix}-labels-idx1-ubyte")
+        if image_file is None or label_file is None:
+            raise DatasetNotFoundError(
+                f"{folder}: no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] and no "
+                f"{split}/ image folder; install `dataset-fashion-mnist` or pass the right folder (--data_dir)"
+            )
+        images, labels = read_idx(image_file), read_idx(label_file).astype(np.int64)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"{image_file}: {images.shape} images do not match {labels.shape} labels in {label_file}"
+            )
+        classes = CLASS_NAMES if int(labels.max()) < len(CLASS_NAMES) else tuple(map(str, np.unique(labels)))
+    tensor = torch.from_numpy(np.array(images)).float().div_(255.0).unsqueeze(1)
+    return tensor, torch.from_numpy(labels), classes
+
+
+def class_balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Indices of ``per_class`` samples of every class (all of a class when it has fewer), in random order."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    picked = torch.cat(chosen)
+    return picked[torch.randperm(len(picked), generator=generator)]
+
+
+class ImageViews(Dataset):
+    """Samples ``{"index", "seed"}`` of in-memory images; :class:`BatchViews` makes the two views per batch."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, int]:
+        index, seed = _split_key(key, len(self))
+        return {"index": index, "seed": seed}
+
+
+class BatchViews:
+    """Collates samples of :class:`ImageViews` into two augmented views, drawn for the whole batch at once.
+
+    The recipe of ``ssl3d.data.transforms.view_transform_2d`` (random resized crop with aspect ratio 3/4..4/3,
+    horizontal flip, brightness and contrast jitter with probability 0.8, Gaussian blur with probability 0.5),
+    vectorised: one ``grid_sample`` for the crops and flips and one grouped convolution for the blurs instead of
+    a chain of per-image transforms. A generator seeded by the batch's per-sample seeds makes it deterministic.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        jitter: float = 0.4,
+        jitter_p: float = 0.8,
+        blur_p: float = 0.5,
+    ) -> None:
+        self.images = images
+        self.scale = scale
+        self.ratio = ratio
+        self.jitter = jitter
+        self.jitter_p = jitter_p
+        self.blur_p = blur_p
+        self.kernel = max(3, int(0.1 * min(images.shape[-2:])) // 2 * 2 + 1)
+
+    def view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = images.shape[0]
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.rand(n, generator=generator) * (high - low) + low
+
+        area = uniform(*self.scale)
+        ratio = torch.exp(uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        width = torch.sqrt(area * ratio).clamp(max=1.0)
+        height = torch.sqrt(area / ratio).clamp(max=1.0)
+        centre_x = (uniform(0, 1) * (1 - width) + width / 2) * 2 - 1
+        centre_y = (uniform(0, 1) * (1 - height) + height / 2) * 2 - 1
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
+        theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", align_corners=False)
+        jittered = (torch.rand(n, generator=generator) < self.jitter_p).float().view(n, 1, 1, 1)
+        brightness = 1 + (uniform(-self.jitter, self.jitter).view(n, 1, 1, 1)) * jittered
+        contrast = 1 + (uniform(-self.jitter, self.jitter).view(n, 1, 1, 1)) * jittered
+        out = (out * brightness).clamp(0, 1)
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = ((out - mean) * contrast + mean).clamp(0, 1)
+        sigma = uniform(0.1, 2.0)
+        blurred = torch.rand(n, generator=generator) < self.blur_p
+        offsets = torch.arange(self.kernel, dtype=torch.float32) - self.kernel // 2
+        weights = torch.exp(-(offsets**2) / (2 * sigma.view(n, 1) ** 2))
+        weights = torch.where(blurred.view(n, 1), weights, (offsets == 0).float())
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        pad = self.kernel // 2
+        rows = torch.nn.functional.pad(out.transpose(0, 1), (pad, pad, pad, pad), mode="reflect")
+        rows = torch.nn.functional.conv2d(rows, weights.view(n, 1, 1, -1), groups=n)
+        return (
+            torch.nn.functional.conv2d(rows, weights.view(n, 1, -1, 1), groups=n).transpose(0, 1).contiguous()
+        )
+
+    def __call__(self, samples: list[dict[str, int]]) -> dict[str, torch.Tensor]:
+        index = torch.tensor([s["index"] for s in samples])
+        seed = int(np.random.SeedSequence([s["seed"] for s in samples]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        images = self.images[index]
+        return {"index": index, "view1": self.view(images, generator), "view2": self.view(images, generator)}
+
+
+class ImageViewsDataModule(pl.LightningDataModule):
+    """2D images only: the ``slices`` loader of ``JointSSL`` and no volumes."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, scale: tuple[float, float]) -> None:
+        super().__init__()
+        self.dataset = ImageViews(images)
+        self.collate = BatchViews(images, scale=scale)
+        self.batch_size = batch_size
+        self.seed = seed
+
+    @property
+    def num_slice_samples(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_volume_samples(self) -> int:
+        return 0
+
+    def train_dataloader(self) -> dict[str, DataLoader]:
+        sampler = SeededSampler(self.dataset, seed=self.seed)
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate, drop_last=True
+        )
+        return {"slices": loader}
+
+
+@dataclass
+class CheckConfig:
+    """Settings of the check. Defaults: a ResNet-18 and the SwAV / DeepCluster-V2 small-batch recipe (LARS, base
+    lr 0.6 per 256 images, 2048-128 projection, temperature 0.1), sized to a 2-core CPU."""
+
+    backbone: str = "resnet18"
+    train_images: int = 12800
+    epochs: int = 6
+    batch_size: int = 256
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    prototypes: int = 300
+    heads_deepcluster: int = 3
+    projection_hidden: int = 2048
+    projection_dim: int = 128
+    optimizer: str = "lars"
+    lr: float = 0.6
+    warmup_epochs: float = 1.0
+    freeze_prototypes_steps: int = 50
+    knn_train_images: int = 10000
+    knn_test_images: int = 5000
+    k: int = 20
+    methods: list[str] = field(default_factory=lambda: ["swav", "deepcluster"])
+
+    def model_kwargs(self, clustering: str, seed: int) -> dict[str, Any]:
+        heads = self.heads_deepcluster if clustering == "deepcluster" else 1
+        return dict(
+            backbone=self.backbone,
+            multi_level=False,
+            d_model=self.projection_hidden,
+            num_layers=1,
+            heads=1,
+            dim_head=8,
+            ffn_hidden=8,
+            num_slices=1,
+            clustering=clustering,
+            prototypes_2d=[self.prototypes] * heads,
+            prototypes_3d=[1],
+            projection_hidden=self.projection_hidden,
+            projection_dim=self.projection_dim,
+            freeze_prototypes_steps=self.freeze_prototypes_steps,
+            lambda_inter=0.0,
+            lambda_mask=0.0,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            lr_reference_batch=256,
+            warmup_epochs=self.warmup_epochs,
+            seed=seed,
+        )
+
+
+class TrainingLog(pl.Callback):
+    """Per step ``L_intra``; per epoch the normalised entropy of the k-means / Sinkhorn cluster usage."""
+
+    def __init__(self) -> None:
+        self.loss: list[float] = []
+        self.usage: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.loss.append(float(outputs["loss"]))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.usage.append(cluster_usage(pl_module, trainer.datamodule.dataset.images))
+
+
+@torch.no_grad()
+def cluster_usage(model: JointSSL, images: torch.Tensor, batch_size: int = 512) -> float:
+    """Normalised entropy of the first head's hard assignments of ``images`` (1 = all clusters used equally)."""
+    was_training = model.training
+    model.eval()
+    head = model.clustering_2d.prototypes
+    counts = torch.zeros(head.num_prototypes[0])
+    for start in range(0, len(images), batch_size):
+        z = torch.nn.functional.normalize(
+            model.projection_2d(model.embed_slices(images[start : start + batch_size]))
+        )
+        counts += torch.bincount(head(z)[0].argmax(1), minlength=len(counts)).float()
+    model.train(was_training)
+    share = counts / counts.sum()
+    entropy = -(share[share > 0] * share[share > 0].log()).sum()
+    return float(entropy / math.log(len(counts)))
+
+
+@torch.no_grad()
+def pooled_features(encoder: SliceEncoder, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Frozen global-average-pooled backbone features (what a downstream user takes) of ``images``."""
+    encoder.eval()
+    rows = [
+        encoder.backbone.forward_head(
+            encoder.backbone.forward_features(images[i : i + batch_size]), pre_logits=True
+        )
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(rows)
+
+
+def knn_accuracy_of(encoder: SliceEncoder, data: dict[str, torch.Tensor], k: int) -> float:
+    """kNN accuracy of ``encoder`` (a copy, BatchNorm statistics re-estimated on the unlabelled train images)."""
+    encoder = copy.deepcopy(encoder).cpu()
+    recalibrate_batchnorm(encoder.backbone, data["recalibrate"])
+    train = pooled_features(encoder, data["train_images"])
+    test = pooled_features(encoder, data["test_images"])
+    predicted, _ = weighted_knn_predict(
+        train, data["train_labels"], test, num_classes=data["num_classes"], k=k
+    )
+    return float((predicted == data["test_labels"]).float().mean())
+
+
+def pretrain_2d(
+    images: torch.Tensor, clustering: str, seed: int, config: CheckConfig, run_dir: Path | None = None
+) -> tuple[JointSSL, dict[str, SliceEncoder | TrainingLog]]:
+    """Train ``JointSSL``'s 2D branch on ``images`` from seed ``seed``; returns the model, its initial encoder and
+    the training log."""
+    pl.seed_everything(seed, verbose=False)
+    model = JointSSL(**config.model_kwargs(clustering, seed))
+    initial = copy.deepcopy(model.encoder)
+    log = TrainingLog()
+    trainer = pl.Trainer(
+        max_epochs=config.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        gradient_clip_val=None,
+        callbacks=[log],
+        default_root_dir=run_dir,
+    )
+    data = ImageViewsDataModule(images, config.batch_size, seed, config.crop_scale)
+    trainer.fit(model, data)
+    return model, {"initial": initial, "log": log}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def run_check(
+    config: CheckConfig | None = None,
+    seeds: list[int] = (0,),
+    random_seeds: int = 3,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain each method from each of ``seeds`` and compare kNN accuracy with ``random_seeds`` random
+    initialisations (the first ones share the pretraining seeds' initialisations). Writes ``fashion_check.md``,
+    ``.json`` and ``.png`` to ``out_dir`` when given."""
+    config = config or CheckConfig()
+    seeds = list(seeds)
+    start = time.perf_counter()
+    train_images, train_labels, classes = load_fashion_mnist(data_dir, "train")
+    test_images, test_labels, _ = load_fashion_mnist(data_dir, "test")
+    if config.train_images > len(train_images):
+        raise ValueError(
+            f"train_images {config.train_images} exceeds the {len(train_images)} training images"
+        )
+    per_class = config.train_images // len(classes)
+    pretrain_idx = class_balanced_subset(train_labels, per_class, seed=1)
+    knn_idx = class_balanced_subset(train_labels, config.knn_train_images // len(classes), seed=2)
+    test_idx = class_balanced_subset(test_labels, config.knn_test_images // len(classes), seed=3)
+    pretrain = train_images[pretrain_idx]
+    data = {
+        "recalibrate": pretrain[:4096],
+        "train_images": train_images[knn_idx],
+        "train_labels": train_labels[knn_idx],
+        "test_images": test_images[test_idx],
+        "test_labels": test_labels[test_idx],
+        "num_classes": len(classes),
+    }
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
+
+    random_ids = list(seeds)
+    while len(random_ids) < random_seeds:
+        random_ids.append(next(s for s in range(len(random_ids) + max(seeds) + 1) if s not in random_ids))
+    random_acc = {}
+    for seed in random_ids:
+        pl.seed_everything(seed, verbose=False)
+        encoder = JointSSL(
+            **config.model_kwargs("swav", seed)
+        ).encoder  # the same draws as pretrain_2d's model
+        random_acc[seed] = knn_accuracy_of(encoder, data, config.k)
+        say(f"random initialisation, seed {seed}: kNN accuracy {random_acc[seed]:.4f}")
+    random_mean, random_std = _mean_std(list(random_acc.values()))
+    methods: dict[str, Any] = {}
+    for method in config.methods:
+        runs = []
+        for seed in seeds:
+            say(f"pretraining {method}, seed {seed}: {config.epochs} epochs of {len(pretrain)} images")
+            model, extra = pretrain_2d(pretrain, method, seed, config)
+            log: TrainingLog = extra["log"]
+            accuracy = knn_accuracy_of(model.encoder, data, config.k)
+            initial_acc = knn_accuracy_of(extra["initial"], data, config.k)
+            runs.append(
+                {
+                    "seed": seed,
+                    "accuracy": accuracy,
+                    "own_initialisation": initial_acc,
+                    "paired_gain": accuracy - initial_acc,
+                    "loss_intra": log.loss,
+                    "cluster_usage": log.usage,
+                    "steps": len(log.loss),
+                }
+            )
+            say(
+                f"{method} seed {seed}: kNN accuracy {accuracy:.4f} (own initialisation {initial_acc:.4f}); "
+                f"L_intra {log.loss[0]:.3f} -> {log.loss[-1]:.3f} (log K = {math.log(config.prototypes):.3f}); "
+                f"cluster usage {log.usage[-1]:.3f}"
+            )
+        mean, std = _mean_std([r["accuracy"] for r in runs])
+        gain = mean - random_mean
+        methods[method] = {
+            "runs": runs,
+            "accuracy_mean": mean,
+            "accuracy_std": std,
+            "gain_over_random_mean": gain,
+            "gain_in_random_stds": gain / random_std if random_std > 0 else math.inf,
+            "paired_gain_mean": _mean_std([r["paired_gain"] for r in runs])[0],
+            "paired_gain_std": _mean_std([r["paired_gain"] for r in runs])[1],
+            "passes": bool(gain >= 0.03 and gain > 3 * random_std),
+        }
+    result = {
+        "config": asdict(config),
+        "seeds": seeds,
+        "random": {"accuracy_by_seed": random_acc, "mean": random_mean, "std": random_std},
+        "methods": methods,
+        "log_k": math.log(config.prototypes),
+        "seconds": time.perf_counter() - start,
+    }
+    if out_dir is not None:
+        write_report(result, Path(out_dir))
+    return result
+
+
+def report_table(result: dict[str, Any]) -> str:
+    """The Markdown table of :func:`run_check`'s result."""
+    rnd = result["random"]
+    lines = [
+        "| encoder | kNN accuracy (k=20) | gain over random mean | paired gain (own init) | L_intra first -> last "
+        "(log K) | cluster usage | passes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| random initialisation ({len(rnd['accuracy_by_seed'])} seeds) | {rnd['mean']:.4f} ± {rnd['std']:.4f} "
+        "| | | | | |",
+    ]
+    for method, m in result["methods"].items():
+        runs = m["runs"]
+        loss = " / ".join(f"{r['loss_intra'][0]:.2f} -> {r['loss_intra'][-1]:.2f}" for r in runs)
+        usage = " / ".join(f"{r['cluster_usage'][-1]:.2f}" for r in runs)
+        lines.append(
+            f"| {method} ({len(runs)} seeds, {runs[0]['steps']} steps) | {m['accuracy_mean']:.4f} ± "
+            f"{m['accuracy_std']:.4f} | {m['gain_over_random_mean']:+.4f} ({m['gain_in_random_stds']:.1f} std) | "
+            f"{m['paired_gain_mean']:+.4f} ± {m['paired_gain_std']:.4f} | {loss} ({result['log_k']:.2f}) | "
+            f"{usage} | {'yes' if m['passes'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fashion_check.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "fashion_check.md").write_text(
+        "# Fashion-MNIST check of the 2D branch\n\n" + report_table(result) + "\n\n"
+        "Passes: gain over the random mean >= 0.03 and > 3 random standard deviations.\n"
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, m in result["methods"].items():
+        for run in m["runs"]:
+            loss_ax.plot(run["loss_intra"], label=f"{method} seed {run['seed']}", lw=0.8)
+    loss_ax.axhline(result["log_k"], color="grey", ls="--", label="log K (chance)")
+    loss_ax.set(xlabel="step", ylabel="L_intra", title="training loss")
+    loss_ax.legend(fontsize=7)
+    names = ["random", *result["methods"]]
+    means = [result["random"]["mean"], *(m["accuracy_mean"] for m in result["methods"].values())]
+    stds = [result["random"]["std"], *(m["accuracy_std"] for m in result["methods"].values())]
+    acc_ax.bar(names, means, yerr=stds, capsize=4, color=["grey", "tab:blue", "tab:orange"][: len(names)])
+    acc_ax.set(
+        ylabel="kNN accuracy (k=20)", title="Fashion-MNIST test", ylim=(min(means) - 0.05, max(means) + 0.03)
+    )
+    figure.tight_layout()
+    figure.savefig(out_dir / "fashion_check.png", dpi=120)
+    plt.close(figure)

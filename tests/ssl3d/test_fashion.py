@@ -1,0 +1,120 @@
+"""The Fashion-MNIST check of the 2D branch: data reading, batched views and the evaluation command."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl3d.evaluate import main as evaluate_main
+from ssl3d.fashion import (
+    FASHION_MNIST_DIR,
+    BatchViews,
+    DatasetNotFoundError,
+    class_balanced_subset,
+    load_fashion_mnist,
+    read_idx,
+)
+
+
+def write_idx(path, array: np.ndarray, compress: bool) -> None:
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    raw = header + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_round_trip(tmp_path, compress):
+    array = np.random.default_rng(0).integers(0, 255, size=(5, 4, 3), dtype=np.uint8)
+    write_idx(tmp_path / "a.idx", array, compress)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.idx"), array)
+
+
+def test_bad_idx_files_name_the_file(tmp_path):
+    (tmp_path / "junk").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="junk: not an idx file"):
+        read_idx(tmp_path / "junk")
+    array = np.zeros((4, 2, 2), dtype=np.uint8)
+    write_idx(tmp_path / "short", array, compress=False)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="short: idx header says shape"):
+        read_idx(tmp_path / "short")
+
+
+def test_missing_data_says_what_to_install(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path / "nowhere")
+    with pytest.raises(DatasetNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_fashion_mnist(tmp_path, split="test")
+
+
+def test_image_folders_are_read_by_class(tmp_path):
+    for split in ("train", "test"):
+        for label, name in enumerate(["bag", "coat"]):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8), 40 * label + i, dtype=np.uint8)).save(
+                    tmp_path / split / name / f"{i}.png"
+                )
+    images, labels, classes = load_fashion_mnist(tmp_path, "train")
+    assert classes == ("bag", "coat") and images.shape == (6, 1, 8, 8)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert images[3, 0, 0, 0] == pytest.approx(40 / 255)
+
+
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist (CI installs it)"
+)
+def test_the_debian_package_is_read():
+    images, labels, classes = load_fashion_mnist(split="test")
+    assert images.shape == (10000, 1, 28, 28) and classes[9] == "Ankle boot"
+    assert torch.bincount(labels).tolist() == [1000] * 10
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+
+
+def test_class_balanced_subset():
+    labels = torch.tensor([0] * 10 + [1] * 4)
+    picked = class_balanced_subset(labels, 5, seed=0)
+    assert torch.bincount(labels[picked]).tolist() == [5, 4]
+    assert torch.equal(picked, class_balanced_subset(labels, 5, seed=0))
+
+
+def test_batch_views_without_jitter_or_blur_are_the_image_or_its_mirror():
+    images = torch.rand(32, 1, 12, 12)
+    views = BatchViews(images, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0, blur_p=0.0)
+    out = views.view(images, torch.Generator().manual_seed(0))
+    mirrored = [not torch.allclose(v, im, atol=1e-5) for v, im in zip(out, images)]
+    for image, view, flip in zip(images, out, mirrored):
+        torch.testing.assert_close(view, image.flip(-1) if flip else image, atol=1e-5, rtol=0)
+    assert 4 < sum(mirrored) < 28  # flips with probability 1/2
+
+
+def test_batch_views_are_deterministic_and_differ_between_views():
+    images = torch.rand(8, 1, 28, 28)
+    views = BatchViews(images)
+    samples = [{"index": i, "seed": 100 + i} for i in range(8)]
+    first, again = views(samples), views(samples)
+    assert torch.equal(first["view1"], again["view1"]) and torch.equal(first["view2"], again["view2"])
+    assert first["view1"].shape == (8, 1, 28, 28) and not torch.equal(first["view1"], first["view2"])
+    assert float(first["view1"].min()) >= 0.0 and float(first["view1"].max()) <= 1.0 + 1e-6
+    other = views([{"index": i, "seed": 7 + i} for i in range(8)])
+    assert not torch.equal(first["view1"], other["view1"])
+
+
+def test_evaluate_reports_missing_data_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(
+            ["fashion", "--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "out")]
+        )
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nowhere" in last and "dataset-fashion-mnist" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_rejects_impossible_sizes(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_main(["fashion", "--batch_size", "0", "--out_dir", str(tmp_path / "out")])
+    assert "--batch_size must be a positive integer" in capsys.readouterr().err

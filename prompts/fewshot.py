@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 import prompts.module  # noqa: F401  (registers the module classes for --model)
 from agreement import dist
+from agreement.inputs import report_root_cause
 from prompts.checkpoint import save_prompts
 from prompts.data import FewShotDataModule
 from prompts.module import PromptCLIPModule
@@ -263,6 +264,7 @@ def print_results(summary: dict[str, Any]) -> None:
     )
 
 
+@report_root_cause
 def main(args: list[str] | None = None) -> dict[str, Any]:
     cli = FewShotCLI(
         PromptCLIPModule,

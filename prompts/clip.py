@@ -167,6 +167,31 @@ def load_clip_weights(model: nn.Module, path: str, model_name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def resolve_weights_file(model_name: str, pretrained: str | None) -> str | None:
+    """The local weights file of ``pretrained`` (a path, or an open_clip tag already cached); ``None`` for none.
+
+    Raises ``FileNotFoundError`` naming the value and what to do; reads nothing but the file system.
+    """
+    if not pretrained:
+        return None
+    name = check_model_name(model_name)
+    if os.path.isfile(os.path.expanduser(pretrained)):
+        return os.path.expanduser(pretrained)
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        path = cached_tag_file(name, pretrained)
+        if path is None:
+            raise FileNotFoundError(
+                f"open_clip weights {name}/{pretrained} are not in the local cache and nothing is downloaded "
+                "here; download them once elsewhere and pass the file path as pretrained=/path/to/file"
+            )
+        return path
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise FileNotFoundError(
+        f"pretrained={pretrained!r} is neither an existing file nor an open_clip tag of {name}"
+        + (f" (tags: {', '.join(tags)})" if tags else "")
+    )
+
+
 def build_clip(
     model_name: str = "ViT-B-16-quickgelu",
     pretrained: str | None = None,
@@ -180,23 +205,7 @@ def build_clip(
     """
     name = check_model_name(model_name)
     weights = "random"
-    path = None
-    if pretrained:
-        if os.path.isfile(os.path.expanduser(pretrained)):
-            path = os.path.expanduser(pretrained)
-        elif open_clip.get_pretrained_cfg(name, pretrained):
-            path = cached_tag_file(name, pretrained)
-            if path is None:
-                raise FileNotFoundError(
-                    f"open_clip weights {name}/{pretrained} are not in the local cache and nothing is downloaded "
-                    "here; download them once elsewhere and pass the file path as pretrained=/path/to/file"
-                )
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise FileNotFoundError(
-                f"pretrained={pretrained!r} is neither an existing file nor an open_clip tag of {name}"
-                + (f" (tags: {', '.join(tags)})" if tags else "")
-            )
+    path = resolve_weights_file(name, pretrained)
     model = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
     if path is not None:
         load_clip_weights(model, path, name)

@@ -27,6 +27,7 @@ from agreement import dist
 from agreement.inputs import report_root_cause
 from prompts.checkpoint import save_prompts
 from prompts.data import FewShotDataModule
+from prompts.inputs import check_protocol_inputs
 from prompts.module import PromptCLIPModule
 from prompts.published import FEW_SHOT_AVERAGE, PAPER_METHOD, paper_base_to_novel, paper_transfer
 
@@ -150,6 +151,7 @@ class FewShotCLI(LightningCLI):
 
     # ------------------------------------------------------------------ whole protocol
     def run_protocol(self) -> dict[str, Any]:
+        check_protocol_inputs(self.config)  # before the run folder exists: bad input leaves nothing behind
         configured = self.config.get("run_dir")
         run_dir = (
             Path(configured) if configured else Path("runs") / "fewshot" / time.strftime("%Y%m%d-%H%M%S")

@@ -217,6 +217,7 @@ def build_parser() -> ArgumentParser:
         prog="discover_entities",
         description="Self-contained entity discovery in captioned videos",
         default_config_files=[str(DEFAULT_CONFIG)],
+        exit_on_error=False,  # parser errors are printed by report_root_cause
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     parser.add_function_arguments(run)

@@ -277,7 +277,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,  # hparams must be the per-run values (shots, seed, subsample)
         seed_everything_default=1,
-        parser_kwargs={"default_config_files": [str(DEMO_CONFIG)]},
+        parser_kwargs={
+            "default_config_files": [str(DEMO_CONFIG)],
+            "exit_on_error": False,
+        },  # see report_root_cause
         args=args,
     )
     return cli.run_protocol()

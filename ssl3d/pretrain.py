@@ -131,7 +131,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         run=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_config_files": [str(DEMO_CONFIG)]},
+        parser_kwargs={
+            "default_config_files": [str(DEMO_CONFIG)],
+            "exit_on_error": False,
+        },  # see report_root_cause
         args=args,
     )
     run_dir = Path(cli.config["run_dir"])

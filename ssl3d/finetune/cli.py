@@ -134,7 +134,10 @@ def _make_cli(args: list[str]) -> FinetuneCLI:
         run=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_config_files": [str(DEMO_CONFIG)]},
+        parser_kwargs={
+            "default_config_files": [str(DEMO_CONFIG)],
+            "exit_on_error": False,
+        },  # see report_root_cause
         args=args,
     )
 

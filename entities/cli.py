@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from agreement.inputs import report_root_cause
 from entities.metrics import evaluate, evaluate_expected, per_class_table, stage_table
 from entities.names import UNKNOWN, Gazetteer
 from entities.outputs import summary_counts, write_gallery, write_metrics, write_names
@@ -216,12 +217,14 @@ def build_parser() -> ArgumentParser:
         prog="discover_entities",
         description="Self-contained entity discovery in captioned videos",
         default_config_files=[str(DEFAULT_CONFIG)],
+        exit_on_error=False,  # parser errors are printed by report_root_cause
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     parser.add_function_arguments(run)
     return parser
 
 
+@report_root_cause
 def main(args: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     config = parser.parse_args(args)

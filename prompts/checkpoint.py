@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from agreement.inputs import first_line
 from prompts.model import PromptedCLIP
 
 
@@ -32,8 +33,14 @@ def save_prompts(model: PromptedCLIP, path: str | Path, extra: dict | None = Non
 def read_prompt_metadata(path: str | Path) -> dict:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as error:  # safetensors' own error type differs between versions
+        raise ValueError(
+            f"{path} is not a prompt checkpoint: not a safetensors file ({first_line(error)}); "
+            "prompt checkpoints are the prompts.safetensors files of earlier runs"
+        ) from None
     if "prompts" not in meta:
         raise ValueError(f"{path} is not a prompt checkpoint (no prompt metadata)")
     return json.loads(meta["prompts"])

@@ -18,6 +18,9 @@ import open_clip
 import torch
 from torch import nn
 
+from agreement.inputs import first_line, load_torch_file
+from prompts.torchscript import is_torchscript_archive, read_torchscript_state_dict
+
 log = logging.getLogger(__name__)
 
 # Small ViT configs for tests and the CPU demo (real BPE tokenizer, 77-token context).
@@ -101,24 +104,34 @@ def cached_tag_file(model_name: str, tag: str) -> str | None:
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A CLIP state dict from a safetensors file, a plain/nested torch file (``weights_only``) or an OpenAI archive."""
+    """A CLIP state dict from a safetensors file, a plain/nested torch file or an OpenAI TorchScript archive.
+
+    Nothing in the file can run: torch files are read with ``weights_only=True`` and TorchScript archives by
+    :func:`prompts.torchscript.read_torchscript_state_dict`, which takes their tensors and never their code.
+    """
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path}: CLIP weights file is not readable (permissions)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path, device="cpu")
-    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path, device="cpu")
         except Exception as error:
-            # OpenAI's released files are TorchScript archives; their tensors load without unpickling code.
-            try:
-                state = torch.jit.load(path, map_location="cpu").state_dict()
-            except Exception:
-                raise ValueError(f"cannot read CLIP weights from {path}: {error}") from error
+            raise ValueError(
+                f"{path}: cannot read CLIP weights: not a valid safetensors file ({first_line(error)})"
+            ) from None
+    elif is_torchscript_archive(path):
+        state = read_torchscript_state_dict(path)
+    else:
+        state = load_torch_file(path, what="CLIP weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path} does not hold a CLIP state dict")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise ValueError(f"{path}: does not hold a CLIP state dict (a mapping of parameter names to tensors)")
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):
         state.pop(key, None)
@@ -129,6 +142,10 @@ def load_clip_weights(model: nn.Module, path: str, model_name: str) -> None:
     """Load ``path`` into ``model`` after checking keys and shapes; one clear error for another architecture."""
     state = _read_state_dict(path)
     expected = model.state_dict()
+    # Non-persistent buffers (open_clip's attention mask) are not weights; TorchScript archives list them.
+    for name, _ in model.named_buffers():
+        if name not in expected:
+            state.pop(name, None)
     if "logit_scale" in state and state["logit_scale"].ndim != expected["logit_scale"].ndim:
         state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
     missing = [k for k in expected if k not in state]
@@ -150,6 +167,31 @@ def load_clip_weights(model: nn.Module, path: str, model_name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def resolve_weights_file(model_name: str, pretrained: str | None) -> str | None:
+    """The local weights file of ``pretrained`` (a path, or an open_clip tag already cached); ``None`` for none.
+
+    Raises ``FileNotFoundError`` naming the value and what to do; reads nothing but the file system.
+    """
+    if not pretrained:
+        return None
+    name = check_model_name(model_name)
+    if os.path.isfile(os.path.expanduser(pretrained)):
+        return os.path.expanduser(pretrained)
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        path = cached_tag_file(name, pretrained)
+        if path is None:
+            raise FileNotFoundError(
+                f"open_clip weights {name}/{pretrained} are not in the local cache and nothing is downloaded "
+                "here; download them once elsewhere and pass the file path as pretrained=/path/to/file"
+            )
+        return path
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise FileNotFoundError(
+        f"pretrained={pretrained!r} is neither an existing file nor an open_clip tag of {name}"
+        + (f" (tags: {', '.join(tags)})" if tags else "")
+    )
+
+
 def build_clip(
     model_name: str = "ViT-B-16-quickgelu",
     pretrained: str | None = None,
@@ -163,23 +205,7 @@ def build_clip(
     """
     name = check_model_name(model_name)
     weights = "random"
-    path = None
-    if pretrained:
-        if os.path.isfile(os.path.expanduser(pretrained)):
-            path = os.path.expanduser(pretrained)
-        elif open_clip.get_pretrained_cfg(name, pretrained):
-            path = cached_tag_file(name, pretrained)
-            if path is None:
-                raise FileNotFoundError(
-                    f"open_clip weights {name}/{pretrained} are not in the local cache and nothing is downloaded "
-                    "here; download them once elsewhere and pass the file path as pretrained=/path/to/file"
-                )
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise FileNotFoundError(
-                f"pretrained={pretrained!r} is neither an existing file nor an open_clip tag of {name}"
-                + (f" (tags: {', '.join(tags)})" if tags else "")
-            )
+    path = resolve_weights_file(name, pretrained)
     model = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
     if path is not None:
         load_clip_weights(model, path, name)

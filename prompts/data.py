@@ -318,6 +318,67 @@ def load_dataset(
     return name, splits, classnames
 
 
+# ---------------------------------------------------------------------------------------------- input checks
+def read_image(path: str) -> Image.Image:
+    """The image at ``path`` as RGB; an unreadable file is an ``OSError`` naming it."""
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
+        raise OSError(f"image {path} cannot be read: {error}") from None
+
+
+def check_images(items: Sequence[Item], source: str, decode: bool = True) -> None:
+    """Raise one ``OSError`` naming every unreadable image (up to 3) of ``items``.
+
+    ``decode`` decodes each image whole; otherwise only its header is read and checked by PIL's ``verify``, which is
+    fast enough for large test sets but may miss a truncated JPEG body.
+    """
+    bad: list[str] = []
+    count = 0
+    for item in dict.fromkeys(i.impath for i in items):
+        try:
+            if decode:
+                read_image(item)
+            else:
+                with Image.open(item) as handle:
+                    handle.verify()
+        except (OSError, ValueError, SyntaxError) as error:
+            count += 1
+            if len(bad) < 3:
+                bad.append(f"{item} ({str(error).removeprefix(f'image {item} cannot be read: ')})")
+    if count:
+        raise OSError(
+            f"{source}: {count} image(s) cannot be read, e.g. {'; '.join(bad)}; remove or replace them before training"
+        )
+
+
+def check_shots(items: Sequence[Item], classnames: Sequence[str], num_shots: int, source: str) -> None:
+    """Raise ``ValueError`` unless every class has at least ``num_shots`` training images (``0``: all images)."""
+    if num_shots < 0:
+        raise ValueError(f"shots must be >= 0 (0 uses every training image), got {num_shots}")
+    counts = {label: 0 for label in range(len(classnames))}
+    for item in items:
+        counts[item.label] = counts.get(item.label, 0) + 1
+    if not items:
+        raise ValueError(
+            f"{source}: no training images (an evaluation-only dataset cannot be the training set)"
+        )
+    short = sorted((n, label) for label, n in counts.items() if n < max(num_shots, 1))
+    if short:
+        fewest, label = short[0]
+        name = classnames[label] if label < len(classnames) else str(label)
+        if fewest == 0:
+            raise ValueError(
+                f"{source}: {sum(n == 0 for n, _ in short)} of {len(counts)} classes have no training images "
+                f"(e.g. {name!r}); add images to them or leave them out"
+            )
+        raise ValueError(
+            f"{source}: --shots {num_shots} but {len(short)} of {len(counts)} classes have fewer training images "
+            f"(class {name!r} has {fewest}); use --shots {fewest} or fewer"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- protocol rules
 def generate_fewshot(items: Sequence[Item], num_shots: int, rng: random.Random) -> list[Item]:
     """K items per label, labels in order of first appearance, ``rng.sample`` per label (all if fewer)."""
@@ -432,8 +493,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         item = self.items[index]
-        with Image.open(item.impath) as handle:
-            image = handle.convert("RGB")
+        image = read_image(item.impath)
         if seed is None:
             tensor = self.transform(image)
         else:

@@ -24,8 +24,10 @@ from pytorch_lightning.loggers import CSVLogger
 
 import prompts.module  # noqa: F401  (registers the module classes for --model)
 from agreement import dist
+from agreement.inputs import report_root_cause
 from prompts.checkpoint import save_prompts
 from prompts.data import FewShotDataModule
+from prompts.inputs import check_protocol_inputs
 from prompts.module import PromptCLIPModule
 from prompts.published import FEW_SHOT_AVERAGE, PAPER_METHOD, paper_base_to_novel, paper_transfer
 
@@ -149,6 +151,7 @@ class FewShotCLI(LightningCLI):
 
     # ------------------------------------------------------------------ whole protocol
     def run_protocol(self) -> dict[str, Any]:
+        check_protocol_inputs(self.config)  # before the run folder exists: bad input leaves nothing behind
         configured = self.config.get("run_dir")
         run_dir = (
             Path(configured) if configured else Path("runs") / "fewshot" / time.strftime("%Y%m%d-%H%M%S")
@@ -263,6 +266,7 @@ def print_results(summary: dict[str, Any]) -> None:
     )
 
 
+@report_root_cause
 def main(args: list[str] | None = None) -> dict[str, Any]:
     cli = FewShotCLI(
         PromptCLIPModule,
@@ -273,7 +277,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,  # hparams must be the per-run values (shots, seed, subsample)
         seed_everything_default=1,
-        parser_kwargs={"default_config_files": [str(DEMO_CONFIG)]},
+        parser_kwargs={
+            "default_config_files": [str(DEMO_CONFIG)],
+            "exit_on_error": False,
+        },  # see report_root_cause
         args=args,
     )
     return cli.run_protocol()

@@ -21,6 +21,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 
 from agreement.callbacks import ClusterUsageCallback
+from agreement.inputs import report_root_cause
 from ssl3d.data.datamodule import JointSSLDataModule
 from ssl3d.encoder import SliceEncoder
 from ssl3d.export import export_encoder
@@ -121,6 +122,7 @@ def evaluate_encoders(model: JointSSL, seed: int) -> dict[str, Any]:
     }
 
 
+@report_root_cause
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse, pretrain, export and evaluate; returns the summary that is also printed and saved."""
     cli = PretrainCLI(
@@ -129,7 +131,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         run=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_config_files": [str(DEMO_CONFIG)]},
+        parser_kwargs={
+            "default_config_files": [str(DEMO_CONFIG)],
+            "exit_on_error": False,
+        },  # see report_root_cause
         args=args,
     )
     run_dir = Path(cli.config["run_dir"])

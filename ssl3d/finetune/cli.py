@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 
+from agreement.inputs import report_root_cause
 from ssl3d.report import format_table
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "finetune"
@@ -133,7 +134,10 @@ def _make_cli(args: list[str]) -> FinetuneCLI:
         run=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_config_files": [str(DEMO_CONFIG)]},
+        parser_kwargs={
+            "default_config_files": [str(DEMO_CONFIG)],
+            "exit_on_error": False,
+        },  # see report_root_cause
         args=args,
     )
 
@@ -162,6 +166,7 @@ def run_variant(cli: FinetuneCLI) -> dict[str, Any]:
     return results
 
 
+@report_root_cause
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune (and with ``--compare_random`` also from random weights); print and return the results."""
     import sys

@@ -86,7 +86,12 @@ def check_encoder_state(
     problems = state_mismatches(state, model)
     if problems:
         header = f"{source} does not fit the timm model {model_name!r} (strict loading):"
-        raise EncoderWeightsError("\n".join([header, *problems]))
+        # The cause and what to do come last, so that they are the last line a user sees.
+        action = (
+            f"{source} is not an encoder of {model_name!r}: set the backbone to the timm model it was exported "
+            f"from, or pass an encoder exported from {model_name!r}"
+        )
+        raise EncoderWeightsError("\n".join([header, *problems, action]))
 
 
 def load_encoder_weights(model: nn.Module, path: str | Path, model_name: str) -> dict:

@@ -90,6 +90,12 @@ def cases_from_datalist(
             raise ValueError(f"{datalist}: no {key!r} list of cases (keys: {sorted(content)})")
         return []
     entries = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=key, base_dir=base_dir)
+    for number, entry in enumerate(entries):
+        for field in ("image", "label"):
+            if entry.get(field) and not Path(entry[field]).is_file():
+                raise FileNotFoundError(
+                    f"datalist {datalist}: {key} entry {number}: {field} {entry[field]} does not exist"
+                )
     return [
         SegmentationCase(Path(entry["image"]), Path(entry["label"]) if entry.get("label") else None)
         for entry in entries
@@ -150,9 +156,19 @@ def read_label_values(path: Path, label_map: dict[int, int]) -> np.ndarray:
     return lookup[inverse].reshape(data.shape)
 
 
+def read_nifti(path: Path) -> nib.Nifti1Image:
+    """``nib.load`` with an error that names the file (a missing, truncated or non-NIfTI file)."""
+    try:
+        return nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for broken files
+        raise ValueError(
+            f"{path}: cannot be read as a NIfTI volume ({type(error).__name__}: {error})"
+        ) from None
+
+
 def check_pair(image: Path, label: Path, atol: float = 1e-3) -> None:
     """Image and label must have the same voxel grid: shape and affine."""
-    image_nii, label_nii = nib.load(str(image)), nib.load(str(label))
+    image_nii, label_nii = read_nifti(image), read_nifti(label)
     if image_nii.shape[:3] != label_nii.shape[:3] or len(label_nii.shape) != 3:
         raise ValueError(
             f"image {image} has shape {image_nii.shape} but label {label} has shape {label_nii.shape}; "
@@ -161,7 +177,8 @@ def check_pair(image: Path, label: Path, atol: float = 1e-3) -> None:
     if not np.allclose(image_nii.affine, label_nii.affine, atol=atol):
         raise ValueError(
             f"image {image} and label {label} have different affines (voxel-to-world matrices):\n"
-            f"{np.array2string(image_nii.affine, precision=4)}\nvs\n{np.array2string(label_nii.affine, precision=4)}"
+            f"{np.array2string(image_nii.affine, precision=4)}\nvs\n{np.array2string(label_nii.affine, precision=4)}\n"
+            f"label {label} must be on the grid of image {image}: resample it onto the image"
         )
 
 
@@ -190,7 +207,7 @@ def load_case(
     """Validate and load one case: ``loader`` (``resize=True``, no reorientation) gives the network input."""
     if case.label is not None:
         check_pair(case.image, case.label)
-    affine = nib.load(str(case.image)).affine
+    affine = read_nifti(case.image).affine
     axis = loader.slice_axis
     images = loader.load(case.image)[0]  # (S, h, w)
     full_labels = None

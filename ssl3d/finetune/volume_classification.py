@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from agreement.inputs import load_torch_file
 from ssl3d.attention import SliceTransformer
 from ssl3d.data.sources import list_volumes
 from ssl3d.data.volumes import VolumeLoader, check_volumes
@@ -88,7 +89,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """The ``encoder.*``/``transformer.*`` state dict (prefixes kept) and ``hyper_parameters`` of a JointSSL
     checkpoint, read with ``weights_only=True``."""
     path = resolve_checkpoint(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path, what="pretraining checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     state = {
@@ -108,7 +109,13 @@ def check_state(state: dict[str, torch.Tensor], model: nn.Module, source: str, n
     problems = state_mismatches(state, model)
     if problems:
         header = f"{source} does not fit the volume classifier's encoder and transformer (strict loading):"
-        raise CheckpointWeightsError("\n".join([header, *problems, *([f"  {note}"] if note else [])]))
+        action = (
+            f"{note}; leave them unset to take the checkpoint's"
+            if note
+            else "pass the checkpoint of a pretraining run with the same backbone, d_model and layers"
+        )
+        # The cause and what to do come last, so that they are the last line a user sees.
+        raise CheckpointWeightsError("\n".join([header, *problems, f"{source} does not fit: {action}"]))
 
 
 def resolve_num_classes(num_classes: int | None, class_names: list[str] | None, multi_label: bool) -> int:

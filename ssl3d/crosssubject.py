@@ -40,10 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from torchmetrics.functional.classification import multilabel_auroc
 
 from agreement._optional import optional_import
 from ssl3d.data.datamodule import DEMO_RESOLUTION
-from ssl3d.data.mni import load_mni152
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
 from ssl3d.probe import _pretraining_slices, recalibrate_batchnorm
@@ -238,20 +238,22 @@ def region_presence(
     spacing = affine[axis, axis]
     voxel_area = float(np.prod(np.delete(np.diag(affine)[:3], axis)))
     top = int(atlas.max())
-    lookup = np.full(top + 1, -1, dtype=np.int64)  # atlas value -> column of ``labels``
+    lookup = np.full(top + 1, len(labels), dtype=np.int64)  # atlas value -> column of ``labels``; others last
     for column, label in enumerate(labels):
         if 0 <= label <= top:
             lookup[label] = column
+    indices = (np.asarray(positions, dtype=np.float64) - affine[axis, 3]) / spacing
+    nearest = np.rint(indices).astype(np.int64)
+    valid = (np.abs(indices - nearest) <= 0.5 + 1e-6) & (nearest >= 0) & (nearest < atlas.shape[axis])
+    sections = np.moveaxis(atlas, axis, 0)[nearest[valid]].reshape(int(valid.sum()), -1)
+    columns = lookup[sections.astype(np.int64)]  # (sections, voxels)
+    rows = np.repeat(np.arange(columns.shape[0]), columns.shape[1])
+    counts = np.bincount(
+        rows * (len(labels) + 1) + columns.ravel(), minlength=columns.shape[0] * (len(labels) + 1)
+    )
+    counts = counts.reshape(columns.shape[0], len(labels) + 1)[:, : len(labels)]
     presence = np.zeros((len(positions), len(labels)), dtype=bool)
-    for row, position in enumerate(positions):
-        continuous = (position - affine[axis, 3]) / spacing
-        index = int(np.rint(continuous))
-        if abs(continuous - index) > 0.5 + 1e-6 or not 0 <= index < atlas.shape[axis]:
-            continue
-        section = np.take(atlas, index, axis=axis).astype(np.int64).ravel()
-        mapped = lookup[section]
-        counts = np.bincount(mapped[mapped >= 0], minlength=len(labels))
-        presence[row] = counts * voxel_area >= min_area_mm2
+    presence[valid] = counts * voxel_area >= min_area_mm2
     return presence
 
 
@@ -275,17 +277,19 @@ def _load_volumes(colin_dir: str | None) -> _Volumes:
     names = read_region_names(paths["names"])
     colin_t1, colin_t1_affine = _read_canonical(paths["t1"])
     colin_atlas, colin_affine = _read_canonical(paths["atlas"])
-    mni = load_mni152(DEMO_RESOLUTION)
-    _check_axis_aligned(mni.affine, "MNI152 template")
-    colin_on_grid = resample_to_grid(colin_t1, colin_t1_affine, mni.t1.shape, mni.affine, order=3)
-    mni_atlas = resample_to_grid(colin_atlas, colin_affine, mni.t1.shape, mni.affine, order=0)
+    datasets = optional_import("nilearn.datasets", extra="demo", purpose="the MNI152 template")
+    template = datasets.load_mni152_template(resolution=DEMO_RESOLUTION)  # as ssl3d.data.mni.load_mni152
+    mni_t1, mni_affine = np.asarray(template.dataobj, dtype=np.float32), template.affine.copy()
+    _check_axis_aligned(mni_affine, "MNI152 template")
+    colin_on_grid = resample_to_grid(colin_t1, colin_t1_affine, mni_t1.shape, mni_affine, order=3)
+    mni_atlas = resample_to_grid(colin_atlas, colin_affine, mni_t1.shape, mni_affine, order=0)
     labels = tuple(sorted(names))
     return _Volumes(
-        mni_t1=mni.t1,
+        mni_t1=mni_t1,
         mni_atlas=mni_atlas,
         colin_t1=colin_on_grid.astype(np.float32),
         colin_atlas=colin_atlas,
-        grid_affine=mni.affine.copy(),
+        grid_affine=mni_affine,
         colin_affine=colin_affine,
         labels=labels,
         names=tuple(names[label] for label in labels),
@@ -347,10 +351,9 @@ def _cross_subject_data(
 def _sklearn():
     optional_import("sklearn", extra="demo", purpose="the cross-subject probes")
     from sklearn.linear_model import LogisticRegression, RidgeCV
-    from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    return LogisticRegression, RidgeCV, roc_auc_score, StandardScaler
+    return LogisticRegression, RidgeCV, StandardScaler
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -359,7 +362,7 @@ def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scaler = _sklearn()[3]().fit(train)
+    scaler = _sklearn()[2]().fit(train)
     return scaler.transform(train), scaler.transform(test)
 
 
@@ -372,7 +375,7 @@ def ridge_mae(
 ) -> float:
     """Mean absolute error on the test set of a ridge regression on standardised features, its penalty chosen
     from ``alphas`` by leave-one-out error on the training set (``RidgeCV``'s efficient default)."""
-    _, RidgeCV, _, _ = _sklearn()
+    _, RidgeCV, _ = _sklearn()
     train, test = _standardise(_as_numpy(train_x), _as_numpy(test_x))
     model = RidgeCV(alphas=alphas).fit(train, np.asarray(train_y, np.float64))
     return float(np.mean(np.abs(model.predict(test) - np.asarray(test_y, np.float64))))
@@ -395,23 +398,33 @@ def presence_auroc(
     that span, so the fit is the same, on at most as many dimensions as training samples.
     """
     sklearn = optional_import("sklearn", extra="demo", purpose="the cross-subject probes")
-    LogisticRegression, _, roc_auc_score, _ = _sklearn()
+    LogisticRegression = _sklearn()[0]
     train, test = _standardise(_as_numpy(train_x), _as_numpy(test_x))
     _, _, basis = np.linalg.svd(train, full_matrices=False)
     train, test = train @ basis.T, test @ basis.T
     train_presence, test_presence = np.asarray(train_presence, bool), np.asarray(test_presence, bool)
     names = list(names) if names is not None else [str(i) for i in range(train_presence.shape[1])]
-    per_region: dict[str, float] = {}
+    columns = [
+        c
+        for c in range(train_presence.shape[1])
+        if 0 < train_presence[:, c].sum() < len(train_presence)
+        and 0 < test_presence[:, c].sum() < len(test_presence)
+    ]
+    if not columns:
+        raise ValueError("no region has both classes in the training and in the test slices")
+    scores = np.empty((test.shape[0], len(columns)))
     # Arguments are checked here once; sklearn's per-call validation would cost as much as the small fits.
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-        for column, name in enumerate(names):
-            y_train, y_test = train_presence[:, column], test_presence[:, column]
-            if y_train.all() or not y_train.any() or y_test.all() or not y_test.any():
-                continue
-            model = LogisticRegression(C=C, solver="liblinear", intercept_scaling=100.0).fit(train, y_train)
-            per_region[name] = float(roc_auc_score(y_test, model.decision_function(test)))
-    if not per_region:
-        raise ValueError("no region has both classes in the training and in the test slices")
+        for j, column in enumerate(columns):
+            model = LogisticRegression(C=C, solver="liblinear", intercept_scaling=100.0)
+            scores[:, j] = model.fit(train, train_presence[:, column]).decision_function(test)
+    auroc = multilabel_auroc(
+        torch.from_numpy(scores),
+        torch.from_numpy(test_presence[:, columns]).long(),
+        num_labels=len(columns),
+        average=None,
+    )
+    per_region = {names[c]: float(a) for c, a in zip(columns, auroc.tolist())}
     return float(np.mean(list(per_region.values()))), per_region
 
 

@@ -26,7 +26,6 @@ every network's BatchNorm statistics re-estimated on the MNI152 training slices 
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -306,8 +305,8 @@ def cross_subject_data(
     model that takes ``size`` slices and ``num_slices``-slice volumes. Loaded once per argument set (cached).
 
     ``colin_dir`` is the folder with ``ch2bet.nii.gz``, ``aal.nii.gz`` and ``aal.nii.txt`` (default: where
-    ``apt-get install mricron-data`` puts them). Along the sagittal axis, mirrored positions look alike and
-    the AAL names carry the side, so its position and region probes measure left-right asymmetry as well.
+    ``apt-get install mricron-data`` puts them). Along the sagittal axis, mirrored slices look alike while
+    positions are signed and AAL names carry the side, so there the probes also ask for left versus right.
     """
     if slice_axis not in (0, 1, 2):
         raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}")
@@ -393,9 +392,9 @@ def presence_auroc(
     region, over the regions with both classes among the training and among the test samples.
 
     The fits use liblinear (with ``intercept_scaling=100``, so that the intercept is in effect unpenalised,
-    as with sklearn's other solvers) on the coordinates of the
-    standardised features in the span of the training samples: an L2-penalised linear model's weights lie in
-    that span, so the fit is the same, on at most as many dimensions as training samples.
+    as with sklearn's other solvers) on the coordinates of the standardised features in the span of the
+    training samples: an L2-penalised linear model's weights lie in that span, so the fit is the same, on at
+    most as many dimensions as there are training samples.
     """
     sklearn = optional_import("sklearn", extra="demo", purpose="the cross-subject probes")
     LogisticRegression = _sklearn()[0]
@@ -428,8 +427,13 @@ def presence_auroc(
     return float(np.mean(list(per_region.values()))), per_region
 
 
-def _slice_metrics(features: dict[str, torch.Tensor], data: CrossSubjectData) -> dict[str, float]:
-    """Position and region probes for features of every section, ``{name: (train (S, C), test (S, C))}``."""
+def _slice_metrics(
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    data: CrossSubjectData,
+    per_region: dict[str, dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """Position and region probes for features of every section, ``{name: (train (S, C), test (S, C))}``;
+    the AUROC of each region goes to ``per_region[name]`` when a dict is given."""
     train_brain, test_brain = data.train.brain, data.test.brain
     results = {}
     for name, (train, test) in features.items():
@@ -437,13 +441,15 @@ def _slice_metrics(features: dict[str, torch.Tensor], data: CrossSubjectData) ->
         results[metric_name(name, POSITION)] = ridge_mae(
             train_x, data.train.positions[train_brain], test_x, data.test.positions[test_brain]
         )
-        results[metric_name(name, REGIONS)] = presence_auroc(
+        results[metric_name(name, REGIONS)], regions = presence_auroc(
             train_x,
             data.train.presence[train_brain],
             test_x,
             data.test.presence[test_brain],
             data.region_names,
-        )[0]
+        )
+        if per_region is not None:
+            per_region[name] = regions
     return results
 
 
@@ -585,15 +591,16 @@ def volume_probes(model: JointSSL, data: CrossSubjectData) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ pretrained vs random
-def _probe_model(model: JointSSL, data: CrossSubjectData, volume: bool) -> tuple[dict[str, float], dict]:
-    """Re-estimate the encoder's BatchNorm statistics on the MNI152 training slices (in place), then probe;
-    returns the metrics and the per-section features."""
+def _probe_model(
+    model: JointSSL, data: CrossSubjectData, volume: bool, per_region: dict | None = None
+) -> dict[str, float]:
+    """Re-estimate the encoder's BatchNorm statistics on the MNI152 training slices (in place), then probe."""
     recalibrate_batchnorm(model.encoder, data.train.images)
     features = _section_features(model.encoder, data)
-    results = _slice_metrics(features, data)
+    results = _slice_metrics(features, data, per_region)
     if volume:
         results.update(_volume_metrics(model, features[EMBEDDING], data))
-    return results, features
+    return results
 
 
 def _fresh_model(model: JointSSL, seed: int) -> JointSSL:
@@ -670,18 +677,20 @@ def compare_with_random(
     if len(seeds) < 1:
         raise ValueError("compare_with_random needs at least one random seed (three or more for a verdict)")
     started = time.perf_counter()
-    pretrained_model = copy.deepcopy(model).cpu()
-    pretrained, pretrained_features = _probe_model(pretrained_model, data, volume)
+    # A CPU copy of the networks, not of the LightningModule (which may hold its trainer).
+    networks = {k: v.detach().cpu() for k, v in _network_state(model.state_dict()).items()}
+    per_region: dict[str, dict[str, float]] = {}
+    pretrained = _probe_model(load_networks(_fresh_model(model, 0), networks), data, volume, per_region)
     randoms: list[dict[str, float]] = []
     initial: dict[str, float] | None = None
     for seed in seeds:
         fresh = _fresh_model(model, seed)
         is_initial = initial_state is not None and initial is None and _same_networks(fresh, initial_state)
-        randoms.append(_probe_model(fresh, data, volume)[0])
+        randoms.append(_probe_model(fresh, data, volume))
         if is_initial:
             initial = randoms[-1]
     if initial_state is not None and initial is None:
-        initial = _probe_model(load_networks(_fresh_model(model, seeds[0]), initial_state), data, volume)[0]
+        initial = _probe_model(load_networks(_fresh_model(model, seeds[0]), initial_state), data, volume)
     baselines = baseline_probes(data)
     rows = []
     for metric, value in pretrained.items():
@@ -706,15 +715,6 @@ def compare_with_random(
                 },
             }
         )
-    brain_train, brain_test = data.train.brain, data.test.brain
-    train_x, test_x = pretrained_features[EMBEDDING]
-    _, per_region = presence_auroc(
-        _as_numpy(train_x)[brain_train],
-        data.train.presence[brain_train],
-        _as_numpy(test_x)[brain_test],
-        data.test.presence[brain_test],
-        data.region_names,
-    )
     return {
         "rows": rows,
         "seeds": seeds,
@@ -724,7 +724,7 @@ def compare_with_random(
         ),
         "axis": AXIS_NAMES[data.slice_axis],
         "seconds": time.perf_counter() - started,
-        "per-region AUROC": per_region,
+        "per-region AUROC": per_region[EMBEDDING],
     }
 
 

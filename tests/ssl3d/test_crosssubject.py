@@ -104,7 +104,9 @@ def test_region_presence_counts_area_at_the_nearest_section():
 def test_resample_to_grid_matches_world_coordinates():
     data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    np.testing.assert_allclose(cs.resample_to_grid(data, affine, data.shape, affine, order=3), data, atol=1e-4)
+    np.testing.assert_allclose(
+        cs.resample_to_grid(data, affine, data.shape, affine, order=3), data, atol=1e-4
+    )
     target = np.diag([2.0, 2.0, 2.0, 1.0])
     target[:3, 3] = 1.0  # voxel (i, j, k) of the target sits at source voxel (1 + 2i, 1 + 2j, 1 + 2k)
     labels = cs.resample_to_grid(data.astype(np.int64), affine, (2, 2, 3), target, order=0)
@@ -140,7 +142,9 @@ def test_presence_auroc_is_one_for_the_labels_and_about_half_for_noise(data):
 
 def test_directions_and_the_verdict_rule():
     assert not cs.higher_is_better("embedding / position MAE (mm)")
-    assert cs.higher_is_better("backbone / region AUROC") and cs.higher_is_better("volume / slab retrieval top-1")
+    assert cs.higher_is_better("backbone / region AUROC") and cs.higher_is_better(
+        "volume / slab retrieval top-1"
+    )
     with pytest.raises(ValueError, match="unknown probe"):
         cs.higher_is_better("embedding / accuracy")
     assert cs.beats_random(0.9, [0.70, 0.72, 0.71], higher_better=True)

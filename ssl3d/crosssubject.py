@@ -27,6 +27,7 @@ every network's BatchNorm statistics re-estimated on the MNI152 training slices 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -603,13 +604,21 @@ def _probe_model(
     return results
 
 
+def _init_arguments(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``JointSSL`` arguments from saved hyperparameters, without weights files or entries that are not
+    arguments (LightningCLI adds ``_instantiator``)."""
+    names = inspect.signature(JointSSL.__init__).parameters
+    arguments = {k: v for k, v in dict(hparams).items() if k in names and k != "self"}
+    arguments["pretrained_backbone"] = None
+    return arguments
+
+
 def _fresh_model(model: JointSSL, seed: int) -> JointSSL:
     """``JointSSL`` with ``model``'s hyperparameters, initialised under ``seed``, never from a weights file."""
-    hparams = dict(model.hparams)
-    hparams["pretrained_backbone"] = None
+    arguments = _init_arguments(model.hparams)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return JointSSL(**hparams)
+        return JointSSL(**arguments)
 
 
 def _network_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -630,9 +639,8 @@ def load_networks(model: JointSSL, state: dict[str, torch.Tensor]) -> JointSSL:
 def load_checkpoint_model(path: str | Path) -> JointSSL:
     """A ``JointSSL`` with the hyperparameters and networks of a Lightning checkpoint (``weights_only``)."""
     checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    hparams["pretrained_backbone"] = None
-    return load_networks(JointSSL(**hparams), checkpoint["state_dict"])
+    arguments = _init_arguments(checkpoint.get("hyper_parameters") or {})
+    return load_networks(JointSSL(**arguments), checkpoint["state_dict"])
 
 
 def _same_networks(model: JointSSL, state: dict[str, torch.Tensor]) -> bool:

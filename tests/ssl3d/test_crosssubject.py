@@ -242,7 +242,8 @@ def test_checkpoint_networks_load_strictly_without_clustering_state(tmp_path, ti
     state = {k: v + 0.5 if v.is_floating_point() else v for k, v in tiny_model.state_dict().items()}
     state["clustering_2d.memory.bank"] = torch.zeros(7, 3)  # shapes that depend on the data are ignored
     path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": dict(tiny_model.hparams)}, path)
+    hparams = {**tiny_model.hparams, "_instantiator": "pytorch_lightning.cli.instantiate_module"}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     loaded = cs.load_checkpoint_model(path)
     for key, value in loaded.state_dict().items():
         if key.startswith(("encoder.", "transformer.")):

@@ -45,6 +45,7 @@ from torchmetrics.functional.classification import multilabel_auroc
 from agreement._optional import optional_import
 from ssl3d.data.datamodule import DEMO_RESOLUTION
 from ssl3d.encoder import SliceEncoder
+from ssl3d.fashion import DatasetNotFoundError
 from ssl3d.module import JointSSL
 from ssl3d.probe import _pretraining_slices, recalibrate_batchnorm
 from ssl3d.report import format_table
@@ -144,7 +145,8 @@ class CrossSubjectData:
 
 
 def colin27_paths(colin_dir: str | Path | None = None) -> dict[str, Path]:
-    """Paths of the Colin27 T1, AAL atlas and region names; one error naming what to install or pass."""
+    """Paths of the Colin27 T1, AAL atlas and region names; else one ``DatasetNotFoundError`` (a
+    ``FileNotFoundError``) naming the package to install or the option to pass."""
     folder = Path(colin_dir) if colin_dir is not None else DEFAULT_COLIN_DIR
     paths = {key: folder / name for key, name in COLIN_FILES.items()}
     missing = [str(path) for path in paths.values() if not path.is_file()]
@@ -156,7 +158,7 @@ def colin27_paths(colin_dir: str | Path | None = None) -> dict[str, Path]:
             else f"colin_dir must be a folder holding {', '.join(COLIN_FILES.values())} "
             f"(Debian package {COLIN_PACKAGE} installs them in {DEFAULT_COLIN_DIR})"
         )
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"the cross-subject evaluation needs the Colin27 brain and its AAL atlas, but "
             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: {how}"
         )

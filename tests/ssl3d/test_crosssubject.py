@@ -14,6 +14,7 @@ pytest.importorskip("sklearn")
 
 from ssl3d import crosssubject as cs
 from ssl3d.encoder import SliceEncoder
+from ssl3d.fashion import DatasetNotFoundError
 from ssl3d.module import JointSSL
 from ssl3d.probe import recalibrate_batchnorm
 from tests.ssl3d.tiny import TINY_MODEL
@@ -39,7 +40,7 @@ def tiny_model():
 
 def test_missing_colin27_is_one_error_naming_the_package_and_the_option(tmp_path, monkeypatch):
     monkeypatch.setattr(cs, "DEFAULT_COLIN_DIR", tmp_path / "absent")
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(DatasetNotFoundError) as error:
         cs.colin27_paths()
     message = str(error.value)
     assert "apt-get install mricron-data" in message and "--colin_dir" in message

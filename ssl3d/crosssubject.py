@@ -8,7 +8,10 @@ defined the same way for both, while their appearance differs (one averaged brai
 - Slice level (what ``L_intra`` trains), on the encoder's pooled slice embedding and on the pooled backbone
   features (what a downstream user of the exported encoder gets): ridge regression of the slice position
   (mean absolute error in mm on Colin27) and one-vs-rest logistic regression of AAL region presence per slice
-  (AUROC per region, macro mean over regions with both classes in training and test slices).
+  (AUROC per region, macro mean over regions with both classes in training and test slices). As both brains
+  are in MNI space, the regions a slice cuts follow from its position: the region probe asks for the same
+  anatomy through a hundred linear read-outs instead of one, so features that encode position non-linearly
+  can still score there.
 - Volume level (the 3D branch), on ``JointSSL``'s unit-norm volume embedding of slabs of ``num_slices``
   consecutive slices: ridge regression of the slab centre (mm), and retrieval of the matching slab across
   subjects (the MNI152 slab nearest in cosine to each Colin27 slab: its centre's error in mm, and top-1

@@ -356,9 +356,8 @@ def _cross_subject_data(
 def _sklearn():
     optional_import("sklearn", extra="demo", purpose="the cross-subject probes")
     from sklearn.linear_model import LogisticRegression, RidgeCV
-    from sklearn.preprocessing import StandardScaler
 
-    return LogisticRegression, RidgeCV, StandardScaler
+    return LogisticRegression, RidgeCV
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -367,8 +366,14 @@ def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scaler = _sklearn()[2]().fit(train)
-    return scaler.transform(train), scaler.transform(test)
+    """Features centred and scaled by their training mean and standard deviation; features (nearly) constant
+    on the training set are dropped, since they carry nothing a fit could use and dividing by their tiny
+    spread would blow up their test values (background pixels that only the test brain reaches)."""
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    keep = std > 1e-6 * max(float(std.max(initial=0.0)), 1e-12)
+    if not keep.any():
+        return np.zeros((train.shape[0], 1)), np.zeros((test.shape[0], 1))
+    return (train[:, keep] - mean[keep]) / std[keep], (test[:, keep] - mean[keep]) / std[keep]
 
 
 def ridge_mae(
@@ -380,7 +385,7 @@ def ridge_mae(
 ) -> float:
     """Mean absolute error on the test set of a ridge regression on standardised features, its penalty chosen
     from ``alphas`` by leave-one-out error on the training set (``RidgeCV``'s efficient default)."""
-    _, RidgeCV, _ = _sklearn()
+    _, RidgeCV = _sklearn()
     train, test = _standardise(_as_numpy(train_x), _as_numpy(test_x))
     model = RidgeCV(alphas=alphas).fit(train, np.asarray(train_y, np.float64))
     return float(np.mean(np.abs(model.predict(test) - np.asarray(test_y, np.float64))))

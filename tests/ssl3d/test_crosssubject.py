@@ -290,3 +290,17 @@ def test_positive_control_supervised_encoder_beats_random_ones(data):
     position, regions = "embedding / position MAE (mm)", "embedding / region AUROC"
     assert supervised[position] < 0.6 * min(r[position] for r in randoms)
     assert supervised[regions] > max(r[regions] for r in randoms)
+
+
+def test_features_constant_on_the_training_subject_are_dropped():
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(40, 3)), rng.normal(size=(30, 3))
+    train[:, 1] = 0.2  # a background pixel on the training brain...
+    train[0, 1] += 1e-12  # ...with rounding noise
+    test[:, 1] = 0.9  # that the test brain reaches
+    y_train, y_test = train[:, 0] * 10, test[:, 0] * 10
+    assert cs.ridge_mae(train, y_train, test, y_test) < 0.5
+    constant = np.ones((40, 2))
+    assert cs.ridge_mae(constant, y_train, test[:, :2], y_test) == pytest.approx(
+        np.mean(np.abs(y_test - y_train.mean())), rel=1e-3
+    )

@@ -266,9 +266,9 @@ class CheckConfig:
     lr x 0.001 of its norm per step), so the check uses SGD with momentum at a fixed learning rate."""
 
     backbone: str = "resnet18"
-    train_images: int = 12800
-    epochs: int = 6
-    batch_size: int = 256
+    train_images: int = 6400
+    epochs: int = 5
+    batch_size: int = 128
     crop_scale: tuple[float, float] = (0.2, 1.0)
     prototypes: int = 300
     heads_deepcluster: int = 3
@@ -279,8 +279,8 @@ class CheckConfig:
     lr_reference_batch: int | None = None
     warmup_epochs: float = 1.0
     freeze_prototypes_steps: int = 50
-    knn_train_images: int = 10000
-    knn_test_images: int = 5000
+    knn_train_images: int = 5000
+    knn_test_images: int = 2000
     k: int = 20
     methods: list[str] = field(default_factory=lambda: ["swav", "deepcluster"])
 

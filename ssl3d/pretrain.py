@@ -38,7 +38,22 @@ class PretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None, help="output folder of this run")
         parser.add_argument(
-            "--evaluate", type=bool, default=True, help="run the MNI152 tissue kNN probe after training"
+            "--evaluate",
+            type=bool,
+            default=True,
+            help="after training, probe the encoder across subjects (MNI152 -> Colin27) against random ones",
+        )
+        parser.add_argument(
+            "--colin_dir",
+            type=str | None,
+            default=None,
+            help="folder with Colin27 ch2bet.nii.gz, aal.nii.gz, aal.nii.txt (default: Debian mricron-data's)",
+        )
+        parser.add_argument(
+            "--tissue_probe",
+            type=bool,
+            default=False,
+            help="also run the MNI152 tissue patch kNN probe (a diagnostic beside raw intensities)",
         )
         parser.link_arguments("data.num_slices", "model.num_slices")
         parser.link_arguments("seed_everything", "data.seed")
@@ -122,6 +137,30 @@ def evaluate_encoders(model: JointSSL, seed: int) -> dict[str, Any]:
     }
 
 
+def evaluate_cross_subject(
+    model: JointSSL,
+    initial_state: dict[str, torch.Tensor],
+    seed: int,
+    size: tuple[int, int],
+    num_slices: int,
+    slice_axis: int,
+    colin_dir: str | None = None,
+) -> dict[str, Any]:
+    """Slice-level probes of the pooled slice embedding across subjects (trained on MNI152, tested on Colin27):
+    slice position (mm) and AAL region presence (macro AUROC), for the pretrained encoder, its own
+    initialisation (paired) and ``RANDOM_ENCODER_SEEDS`` random initialisations, every one with BatchNorm
+    statistics re-estimated on the MNI152 slices (``ssl3d.crosssubject``). Returns the comparison with its
+    Markdown ``table`` and one-line ``verdict``."""
+    from ssl3d.crosssubject import compare_with_random, cross_subject_data, format_rows, verdict
+
+    data = cross_subject_data(size, num_slices, slice_axis, colin_dir)
+    seeds = [seed + offset for offset in range(RANDOM_ENCODER_SEEDS)]
+    comparison = compare_with_random(model, initial_state, seeds, data, volume=False)
+    comparison["table"] = format_rows(comparison["rows"])
+    comparison["verdict"] = verdict(comparison["rows"])
+    return comparison
+
+
 @report_root_cause
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse, pretrain, export and evaluate; returns the summary that is also printed and saved."""
@@ -138,6 +177,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         args=args,
     )
     run_dir = Path(cli.config["run_dir"])
+    # The seeded initialisation (also on resume: weights are loaded in fit), for the paired comparison.
+    initial_state = {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if not cli.trainer.is_global_zero:
@@ -161,8 +202,24 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             "steps": cli.trainer.global_step,
         }
     )
+    seed = cli.config["seed_everything"] or 0
     if cli.config.get("evaluate"):
-        probe = evaluate_encoders(model, seed=cli.config["seed_everything"] or 0)
+        data = cli.datamodule.hparams
+        comparison = evaluate_cross_subject(
+            model,
+            initial_state,
+            seed,
+            data.size,
+            data.num_slices,
+            data.slice_axis,
+            cli.config.get("colin_dir"),
+        )
+        summary["cross_subject"] = comparison["rows"]
+        summary["cross_subject_verdict"] = comparison["verdict"]
+        (run_dir / "cross_subject.json").write_text(json.dumps(comparison, indent=2))
+        (run_dir / "cross_subject.md").write_text(comparison["table"] + "\n\n" + comparison["verdict"] + "\n")
+    if cli.config.get("tissue_probe"):
+        probe = evaluate_encoders(model, seed=seed)
         summary["probe"] = probe["rows"]
         summary["probe_raw_intensities"] = probe["raw intensities"]["accuracy"]
         (run_dir / "probe.json").write_text(json.dumps(probe, indent=2))
@@ -176,8 +233,18 @@ def print_summary(summary: dict[str, Any]) -> None:
     for key in ("config", "checkpoint", "metrics", "loss_curve", "encoder"):
         if summary.get(key):
             print(f"  {key:<11} {summary[key]}")
+    if summary.get("cross_subject"):
+        print(
+            f"\nSlice-level probes across subjects (trained on MNI152, tested on Colin27; frozen features, BatchNorm "
+            f"statistics re-estimated on MNI152): the pretrained encoder against {RANDOM_ENCODER_SEEDS} random "
+            "initialisations (the first is its own: paired difference)"
+        )
+        from ssl3d.crosssubject import format_rows
+
+        print(format_rows(summary["cross_subject"]))
+        print(summary["cross_subject_verdict"])
     rows = summary.get("probe")
-    if rows:
+    if rows:  # the tissue diagnostic
         print(
             "\nTissue kNN probe on held-out MNI152 slices (frozen features of 4x4-pixel patches, k=20, BatchNorm "
             "statistics re-estimated on the unlabelled training slices): accuracy of the pretrained encoder and "

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install data demo test test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: install
+# Real evaluation data from Debian: Fashion-MNIST (the 2D check) and Colin27 with the AAL atlas (cross-subject
+# probes). Installed with apt-get when missing (as root, or through sudo).
+EVAL_DATA := /usr/share/datasets/fashion-mnist /usr/share/mricron/templates
+data:
+	@missing=0; for d in $(EVAL_DATA); do [ -d $$d ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist mricron-data; \
+	fi
+
+demo: install data
 	$(BIN)/python scripts/pretrain.py
 
-test: install
+test: install data
 	$(BIN)/python -m pytest -q
 
 lint: install

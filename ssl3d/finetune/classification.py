@@ -29,7 +29,7 @@ from ssl3d.finetune.encoders import (
     load_encoder_weights,
     set_trainable,
 )
-from ssl3d.finetune.optim import Optimizer, build_optimizer, warmup_cosine
+from ssl3d.finetune.optim import Optimizer, build_optimizer, steps_per_epoch, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ class ImageClassifier(pl.LightningModule):
         groups.append({"params": self.head_parameters(), "lr": hp.lr, "weight_decay": hp.weight_decay})
         optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
         total = self.trainer.estimated_stepping_batches
-        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        per_epoch = steps_per_epoch(self.trainer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": warmup_cosine(optimizer, total, round(hp.warmup_epochs * per_epoch)),

@@ -280,6 +280,23 @@ class CaseDataset(Dataset):
         return self.cases[index]
 
 
+def label_subset(num_slices: int, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of the ``max(1, round(fraction * num_slices))`` training slices whose labels are kept.
+
+    Drawn without replacement by a generator of its own seeded with ``seed`` (the data seed), so each seed
+    gets its own subset and the same seed always the same one; ``fraction=1`` keeps every slice.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    if num_slices < 1:
+        raise ValueError("no training slices to choose labels from")
+    count = max(1, round(fraction * num_slices))
+    if count >= num_slices:
+        return torch.arange(num_slices)
+    rng = np.random.default_rng([seed, 0x1A8E1])  # a stream apart from the sampler's
+    return torch.from_numpy(np.sort(rng.choice(num_slices, size=count, replace=False))).long()
+
+
 def _single(batch: list[CaseData]) -> CaseData:
     return batch[0]
 
@@ -298,6 +315,8 @@ class SegmentationData(pl.LightningDataModule):
         size: in-plane size of the network's slices.
         percentiles: intensity percentiles mapped to 0 and 1, as in pretraining.
         unlabelled_ratio: unlabelled (background-only) slices drawn per labelled slice each epoch.
+        label_fraction: share of the training slices whose labels are used (low-label setting, e.g. 0.1);
+            the subset is drawn once per ``seed`` (:func:`label_subset`) from the slices of all training cases.
         demo_bands: the demo's training and test bands as fractions of the slice axis.
         demo_dir: where the demo's NIfTI files are written (default: ``<run>/demo_data``).
     """
@@ -318,6 +337,7 @@ class SegmentationData(pl.LightningDataModule):
         size: tuple[int, int] = (64, 64),
         percentiles: tuple[float, float] = (0.5, 99.5),
         unlabelled_ratio: float = 1.0,
+        label_fraction: float = 1.0,
         batch_size: int = 16,
         inference_batch_size: int = 64,
         num_workers: int = 0,
@@ -329,6 +349,8 @@ class SegmentationData(pl.LightningDataModule):
         self.save_hyperparameters()
         if len(class_names) < 2:
             raise ValueError(f"class_names needs background and at least one class, got {class_names}")
+        if not 0.0 < label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
         self.label_map = {
             int(k): int(v) for k, v in (label_map or {i: i for i in range(len(class_names))}).items()
         }
@@ -406,13 +428,19 @@ class SegmentationData(pl.LightningDataModule):
         self.val_cases = loaded.get("val", [])
         self.test_cases = loaded.get("test", [])
 
+    def labelled_slices(self) -> torch.Tensor:
+        """Indices (into the concatenated training slices) of the slices trained on with their labels."""
+        total = sum(c.images.shape[0] for c in self.train_cases)
+        return label_subset(total, self.hparams.label_fraction, self.hparams.seed)
+
     def train_dataset(self) -> tuple[TensorDataset, BalancedSliceSampler]:
         images = torch.cat([c.images for c in self.train_cases])
         labels = torch.cat([c.labels for c in self.train_cases])
-        has_foreground = (labels > 0).flatten(1).any(dim=1)
+        kept = self.labelled_slices()
+        has_foreground = (labels[kept] > 0).flatten(1).any(dim=1)
         sampler = BalancedSliceSampler(
-            torch.nonzero(has_foreground).flatten().tolist(),
-            torch.nonzero(~has_foreground).flatten().tolist(),
+            kept[has_foreground].tolist(),
+            kept[~has_foreground].tolist(),
             self.hparams.unlabelled_ratio,
             self.hparams.seed,
         )

@@ -22,7 +22,7 @@ from monai.networks.nets import FlexibleUNet
 
 from ssl3d.finetune.encoders import encoder_param_groups, register_timm_backbone, set_trainable
 from ssl3d.finetune.metrics import mean_over_classes, volume_metrics
-from ssl3d.finetune.optim import Optimizer, build_optimizer, warmup_cosine
+from ssl3d.finetune.optim import Optimizer, build_optimizer, steps_per_epoch, warmup_cosine
 from ssl3d.finetune.seg_data import CaseData
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class SegmentationTask(pl.LightningModule):
         groups.append({"params": head, "lr": hp.lr, "weight_decay": hp.weight_decay})
         optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
         total = self.trainer.estimated_stepping_batches
-        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        per_epoch = steps_per_epoch(self.trainer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": warmup_cosine(optimizer, total, round(hp.warmup_epochs * per_epoch)),

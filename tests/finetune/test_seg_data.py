@@ -13,6 +13,7 @@ from ssl3d.finetune.seg_data import (
     SegmentationData,
     cases_from_datalist,
     cases_from_folder,
+    label_subset,
     load_case,
 )
 from tests.finetune.helpers import AFFINE, synthetic_case, write_case, write_datalist
@@ -101,3 +102,33 @@ def test_datalists_and_folders_list_pairs(tmp_path):
     write_case(tmp_path / "folder" / "images", "y", image, None)
     with pytest.raises(ValueError, match=r"no label file for y_image\.nii\.gz"):
         cases_from_folder(tmp_path / "folder")
+
+
+def test_label_subset_takes_the_fraction_of_slices_per_seed():
+    assert label_subset(32, 0.1, seed=0).tolist() == sorted(label_subset(32, 0.1, seed=0).tolist())
+    assert len(label_subset(32, 0.1, seed=0)) == 3  # round(3.2)
+    assert len(label_subset(5, 0.01, seed=0)) == 1  # at least one slice
+    assert label_subset(7, 1.0, seed=3).tolist() == list(range(7))
+    assert torch.equal(label_subset(100, 0.2, seed=1), label_subset(100, 0.2, seed=1))
+    assert not torch.equal(label_subset(100, 0.2, seed=1), label_subset(100, 0.2, seed=2))
+    assert len(set(label_subset(100, 0.2, seed=1).tolist())) == 20
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="label_fraction must be in"):
+            label_subset(10, bad)
+
+
+def test_low_label_data_module_trains_only_on_the_chosen_slices(tmp_path):
+    datalist = write_datalist(tmp_path, train=2, val=0, test=1)  # 2 cases x 10 slices
+    kwargs = dict(datalist=str(datalist), class_names=["bg", "a", "b"], label_map=MAP, size=(16, 16))
+    with pytest.raises(ValueError, match="label_fraction must be in"):
+        SegmentationData(**kwargs, label_fraction=0.0)
+    data = SegmentationData(**kwargs, label_fraction=0.25, unlabelled_ratio=10.0, seed=4)
+    data.setup("fit")
+    kept = data.labelled_slices()
+    assert kept.tolist() == label_subset(20, 0.25, seed=4).tolist() and len(kept) == 5
+    _, sampler = data.train_dataset()
+    drawn = list(sampler)
+    assert sorted(drawn) == kept.tolist()  # every kept slice once (the ratio takes all unlabelled ones)
+    full = SegmentationData(**kwargs, unlabelled_ratio=10.0)
+    full.setup("fit")
+    assert sorted(full.train_dataset()[1]) == list(range(20))

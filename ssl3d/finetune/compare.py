@@ -336,7 +336,8 @@ def _run_arm(cli_args: list[str], arm_dir: Path, resume: bool) -> dict[str, Any]
         and json.loads(args_file.read_text()) == cli_args
     ):
         return json.loads(results_file.read_text())
-    args_file.unlink(missing_ok=True)
+    for stale in (args_file, arm_dir / "paired_start.json"):
+        stale.unlink(missing_ok=True)
     results = finetune(cli_args)["variants"][0]
     args_file.write_text(json.dumps(cli_args, indent=1))
     return results
@@ -566,7 +567,8 @@ def write_report(summary: dict[str, Any], curves: dict[tuple[str, str], list], o
         f"- encoder: `{summary['encoder']}` ({summary['backbone']}), test score: foreground-mean {name} on the "
         "test volumes",
         f"- {summary['steps']} optimizer steps per run, seeds {summary['seeds']}, wall time "
-        f"{summary['wall_seconds'] / 60:.1f} min",
+        f"{summary['wall_seconds'] / 60:.1f} min (training alone, summed over the "
+        f"{len(summary['runs'])} runs: {summary['fit_seconds_total'] / 60:.1f} min)",
         f"- BatchNorm: {bn}",
         f"- pairing: {pairing}",
         "- mean ± sample standard deviation over seeds; the difference is paired by seed",

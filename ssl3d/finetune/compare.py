@@ -618,7 +618,7 @@ def write_report(summary: dict[str, Any], curves: dict[tuple[str, str], list], o
         )
         diff_ax.scatter([i + 0.1] * len(diffs), diffs, color="black", s=10)
     for axis in (score_ax, diff_ax):
-        axis.set_xticks(range(len(fractions)), [f"{f} of labels" for f in fractions])
+        axis.set_xticks(range(len(fractions)), [f"{float(f):.0%} of slices labelled" for f in fractions])
     score_ax.set_ylabel(f"test {name} (foreground mean)")
     score_ax.set_title("per arm (bars: mean ± std; lines: paired seeds)")
     score_ax.legend()
@@ -630,7 +630,7 @@ def write_report(summary: dict[str, Any], curves: dict[tuple[str, str], list], o
             steps, losses = zip(*curve)
             loss_ax.plot(
                 steps, losses, color=colours[arm], linestyle="-" if fraction == fractions[0] else "--",
-                label=f"{arm}, {fraction} of labels",
+                label=f"{arm}, {float(fraction):.0%} labelled",
             )  # fmt: skip
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("training loss (mean over seeds)")

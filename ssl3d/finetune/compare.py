@@ -337,7 +337,7 @@ def _run_arm(cli_args: list[str], arm_dir: Path, resume: bool) -> dict[str, Any]
         and args_file.is_file()
         and json.loads(args_file.read_text()) == cli_args
     ):
-        return json.loads(results_file.read_text())
+        return {**json.loads(results_file.read_text()), "reused": True}
     for stale in (args_file, arm_dir / "paired_start.json"):
         stale.unlink(missing_ok=True)
     results = finetune(cli_args)["variants"][0]
@@ -391,6 +391,7 @@ def run_comparison(args: argparse.Namespace, progress: bool = True) -> dict[str,
                         "per_class": results["summary"],
                         "steps": results["steps"],
                         "fit_seconds": results["fit_seconds"],
+                        "reused": bool(results.get("reused", False)),
                         "final_train_loss": final_training_loss(arm_dir / "metrics.csv"),
                         "curve": training_curve(arm_dir / "metrics.csv"),
                         "record": json.loads(record_file.read_text()),
@@ -559,6 +560,8 @@ def write_report(summary: dict[str, Any], curves: dict[tuple[str, str], list], o
         if summary["paired"]
         else "**broken**: " + "; ".join(summary["pairing_problems"])
     )
+    reused = sum(run.get("reused", False) for run in summary["runs"])
+    reused = f" for this invocation, which reused {reused} finished runs (--resume)" if reused else ""
     if summary["bn_recalibration"] and not summary["bn_identical"]:
         bn += " -- **but not identical**: " + "; ".join(summary["bn_problems"])
     text = [
@@ -569,7 +572,7 @@ def write_report(summary: dict[str, Any], curves: dict[tuple[str, str], list], o
         f"- encoder: `{summary['encoder']}` ({summary['backbone']}), test score: foreground-mean {name} on the "
         "test volumes",
         f"- {summary['steps']} optimizer steps per run, seeds {summary['seeds']}, wall time "
-        f"{summary['wall_seconds'] / 60:.1f} min (training alone, summed over the "
+        f"{summary['wall_seconds'] / 60:.1f} min{reused} (training alone, summed over the "
         f"{len(summary['runs'])} runs: {summary['fit_seconds_total'] / 60:.1f} min)",
         f"- BatchNorm: {bn}",
         f"- pairing: {pairing}",

@@ -3,6 +3,8 @@
 Sub-commands:
 
 - ``fashion``: the 2D implementation check on Fashion-MNIST (``ssl3d.fashion``), SwAV and DeepCluster-V2.
+- ``finetune``: fine-tuning from the pretrained encoder against random weights, seed-paired, with BatchNorm
+  statistics handled alike, at several label fractions (``ssl3d.finetune.compare``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     fashion.add_argument("--knn_test_images", type=int, default=defaults.knn_test_images)
     fashion.add_argument("--out_dir", default=None, help="default runs/evaluate/fashion-<time>")
     fashion.set_defaults(run=_fashion)
+    finetune = commands.add_parser(
+        "finetune", help="fine-tuning from the pretrained encoder against random weights, seed-paired"
+    )
+    from ssl3d.finetune import compare
+
+    compare.add_arguments(finetune)
+    finetune.set_defaults(run=compare.run)
     return parser
 
 

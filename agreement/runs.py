@@ -49,7 +49,7 @@ CONFIG_KEY = "run_config"
 POSITION_KEY = "resume_position"
 
 # Settings that may change between a run and its resumption: where things go and how they are shown, not what is
-# trained. Every other setting must be the checkpoint's.
+# trained (callbacks are taken to watch, not to train). Every other setting must be the checkpoint's.
 MAY_DIFFER_ON_RESUME = (
     "ckpt_path",
     "run_dir",
@@ -59,6 +59,7 @@ MAY_DIFFER_ON_RESUME = (
     "checkpoint_every_n_steps",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
+    "trainer.callbacks",
     "trainer.logger",
     "trainer.default_root_dir",
     "trainer.log_every_n_steps",
@@ -132,8 +133,8 @@ def check_budget(trainer: Mapping[str, Any], what: str = "training", epochs_requ
         problems.append(f"--trainer.max_steps must be at least 1 (or -1 for no step limit), got {max_steps}")
     if epochs_required and (max_epochs is None or max_epochs < 1) and not problems:
         problems.append(
-            f"{what} defines its learning-rate schedule over epochs, so --trainer.max_epochs must be a positive "
-            f"number, got {max_epochs}"
+            f"{what} defines its learning-rate schedule over epochs, so --trainer.max_epochs must be at least 1 "
+            f"(-1, no epoch limit, is not possible), got {max_epochs}"
         )
     elif max_epochs == -1 and max_steps == -1:
         problems.append(
@@ -237,12 +238,17 @@ def config_differences(
     return lines
 
 
-def check_resume_config(checkpoint: Path, current: Mapping[str, Any], hint: str) -> dict[str, Any]:
+def check_resume_config(
+    checkpoint: Path,
+    current: Mapping[str, Any],
+    hint: str,
+    may_differ: Iterable[str] = MAY_DIFFER_ON_RESUME,
+) -> dict[str, Any]:
     """Raise a ``ValueError`` listing the differences between ``current`` and the checkpoint's configuration;
     return :func:`checkpoint_info` of the checkpoint."""
     info = checkpoint_info(checkpoint)
     if info["config"] is not None:
-        differences = config_differences(info["config"], current)
+        differences = config_differences(info["config"], current, may_differ)
         if differences:
             raise ValueError(
                 f"cannot resume from {checkpoint}: the configuration differs from the one it was written with:\n  "
@@ -623,7 +629,7 @@ class RunCheckpoint(Checkpoint):
         tmp = self.dirpath / f".{LAST}.tmp"
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())

@@ -18,7 +18,7 @@ from agreement.runs import LAST
 class SignalAt(pl.Callback):
     """Sends ``signum`` to this process after optimizer step ``step``, as a scheduler or Ctrl-C would."""
 
-    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
         self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

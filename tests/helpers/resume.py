@@ -94,3 +94,15 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
         (float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()),
         default=0.0,
     )
+
+
+class Pace(pl.Callback):
+    """Sleeps after every step, so that a test can signal a run in another process while it trains."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+
+        time.sleep(self.seconds)

@@ -108,6 +108,20 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
+class MarkUnfinished(pl.Callback):
+    """Writes ``UNFINISHED`` into each of ``folders`` when a fit starts: after the data and the model are set up,
+    so that bad input (found there) leaves no marker behind, and before the first step."""
+
+    def __init__(self, folders: Iterable[str | Path], resume_hint: str = "") -> None:
+        self.folders = [Path(f) for f in folders]
+        self.resume_hint = resume_hint
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for folder in self.folders:
+                mark_unfinished(folder, self.resume_hint)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -321,8 +335,9 @@ class ResumableDataLoader(DataLoader):
     current pass started, the batches that pass has served, and the state now. :meth:`resume` makes the next pass
     start from a position: in the middle of an epoch it replays the pass from its start and skips the served
     batches at the index level (no sample is loaded for them); at an epoch boundary it only restores the state.
-    Lightning saves and loads positions through ``state_dict``/``load_state_dict``; :class:`ExactResume` sets them
-    at the right moment in both cases.
+    Lightning saves and loads positions through ``state_dict``/``load_state_dict`` (when it restarts mid-epoch);
+    :class:`ExactResume` sets them at the right moment in both cases (without it, a run resumed at an epoch boundary
+    draws its order from the new process's seed).
     """
 
     def __init__(

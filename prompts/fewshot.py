@@ -34,6 +34,7 @@ from agreement.runs import (
     CHECKPOINT_DIR,
     MAY_DIFFER_ON_RESUME,
     ExactResume,
+    MarkUnfinished,
     RunCheckpoint,
     RunInterrupted,
     RunLogger,
@@ -195,6 +196,7 @@ class FewShotCLI(LightningCLI):
             default_root_dir=str(folder),
             callbacks=[
                 ExactResume(),
+                MarkUnfinished([folder]),
                 *(self._get(self.config_init, "trainer", default={}).get("callbacks") or []),
                 RunCheckpoint(
                     folder / CHECKPOINT_DIR,
@@ -230,8 +232,6 @@ class FewShotCLI(LightningCLI):
 
             load_prompts(model.model, self.config.init_prompts)
         if model.trainable:
-            if trainer.is_global_zero:
-                mark_unfinished(folder)
             try:
                 trainer.fit(model, datamodule=data, ckpt_path=checkpoint, weights_only=True)
             except RunInterrupted as stop:

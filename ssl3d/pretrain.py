@@ -22,13 +22,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from agreement.callbacks import ClusterUsageCallback
 from agreement.inputs import report_root_cause
 from agreement.runs import (
     CHECKPOINT_DIR,
     ExactResume,
+    MarkUnfinished,
     RunCheckpoint,
     RunInterrupted,
     RunLogger,
@@ -36,7 +36,6 @@ from agreement.runs import (
     check_resume_config,
     flatten_config,
     mark_finished,
-    mark_unfinished,
     note_unfinished,
     refuse_to_overwrite,
     resolve_checkpoint,
@@ -124,8 +123,6 @@ class PretrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run_dir = self.run_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
-        if rank_zero_only.rank == 0:
-            mark_unfinished(run_dir, resume_command(run_dir))
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = RunLogger(run_dir, resume_step=self.resume_step)
@@ -134,6 +131,7 @@ class PretrainCLI(LightningCLI):
         clusters = list(model.hparams.prototypes_2d) + list(model.hparams.prototypes_3d)
         kwargs["callbacks"] = [
             ExactResume(),
+            MarkUnfinished([run_dir], resume_command(run_dir)),
             *(trainer_config.get("callbacks") or []),
             RunCheckpoint(
                 run_dir / CHECKPOINT_DIR,

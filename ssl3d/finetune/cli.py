@@ -25,7 +25,6 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from agreement.inputs import report_root_cause
 from agreement.runs import (
@@ -33,6 +32,7 @@ from agreement.runs import (
     LAST,
     MAY_DIFFER_ON_RESUME,
     ExactResume,
+    MarkUnfinished,
     RunCheckpoint,
     RunInterrupted,
     RunLogger,
@@ -43,7 +43,6 @@ from agreement.runs import (
     is_unfinished,
     last_checkpoint,
     mark_finished,
-    mark_unfinished,
     note_unfinished,
 )
 from ssl3d.report import format_table
@@ -194,10 +193,7 @@ class FinetuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run_dir = self.variant_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
-        if rank_zero_only.rank == 0:
-            hint = f"python scripts/finetune.py --config {run_dir / 'config.yaml'} --ckpt_path last"
-            mark_unfinished(run_dir.parent, hint)
-            mark_unfinished(run_dir, hint)
+        hint = f"python scripts/finetune.py --config {run_dir / 'config.yaml'} --ckpt_path last"
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = RunLogger(run_dir, resume_step=self.resume_step)
@@ -205,7 +201,11 @@ class FinetuneCLI(LightningCLI):
         monitor, mode = getattr(self.model, "monitor", (None, "max"))
         if not getattr(self.datamodule, "has_validation", False):
             monitor = None
-        callbacks = [ExactResume(), *(trainer_config.get("callbacks") or [])]
+        callbacks = [
+            ExactResume(),
+            MarkUnfinished([run_dir.parent, run_dir], hint),
+            *(trainer_config.get("callbacks") or []),
+        ]
         if monitor:  # the best epoch by validation, for testing; before RunCheckpoint so its state is saved
             callbacks.append(
                 ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, monitor=monitor, mode=mode, save_top_k=1)

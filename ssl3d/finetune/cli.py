@@ -148,7 +148,9 @@ class FinetuneCLI(LightningCLI):
         )
         config["run_dir"] = str(parent)
         variant = config["variant"] or ("pretrained" if model_args.get("encoder") else "random")
-        self.checkpoint = self._variant_checkpoint(parent / variant, ckpt_path)
+        # main() runs the random-weights comparison with --variant after the first one has written its folder.
+        siblings = config["variant"] is None
+        self.checkpoint = self._variant_checkpoint(parent / variant, ckpt_path, siblings)
         if self.checkpoint is not None and model_args.get("encoder") == LATEST:
             # Resume with the encoder the run started with, not whatever is newest now.
             saved = checkpoint_info(self.checkpoint)["config"] or {}
@@ -170,13 +172,13 @@ class FinetuneCLI(LightningCLI):
             self.resume_step = info["global_step"]
 
     @staticmethod
-    def _variant_checkpoint(folder: Path, ckpt_path: str | None) -> Path | None:
-        """The checkpoint one initialisation continues from; a new run may not overwrite an earlier one's."""
+    def _variant_checkpoint(folder: Path, ckpt_path: str | None, siblings: bool = True) -> Path | None:
+        """The checkpoint one initialisation continues from; a new run may not overwrite an earlier one's (in
+        ``folder`` or, with ``siblings``, in any initialisation's folder of the run)."""
         found = last_checkpoint(folder)
         if ckpt_path is None:
-            others = (
-                sorted(folder.parent.glob(f"*/{CHECKPOINT_DIR}/{LAST}")) if folder.parent.is_dir() else []
-            )
+            pattern = f"*/{CHECKPOINT_DIR}/{LAST}" if siblings else f"{folder.name}/{CHECKPOINT_DIR}/{LAST}"
+            others = sorted(folder.parent.glob(pattern)) if folder.parent.is_dir() else []
             if others:
                 raise FileExistsError(
                     f"{folder.parent} already holds a run ({others[0]}); resume it with --ckpt_path last "

@@ -126,7 +126,7 @@ class FinetuneCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Resolve the run folder, the checkpoint and the encoder; check all before anything is written."""
         config = self.config
-        check_budget(config["trainer"], "fine-tuning", epochs_required=True)
+        check_budget(config["trainer"], "fine-tuning")  # max_epochs=-1 with a max_steps is a finite budget
         if config["checkpoint_every_n_steps"] < 0:
             raise ValueError(
                 f"--checkpoint_every_n_steps must be >= 0, got {config['checkpoint_every_n_steps']}"

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from agreement import dist
+from agreement.runs import ResumableDataLoader
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -638,7 +639,7 @@ class FewShotDataModule(pl.LightningDataModule):
         train_transform, _ = self._transforms()
         dataset = ImageDataset(self.train_items, train_transform)
         per_rank = math.ceil(len(dataset) / dist.get_world_size())
-        return DataLoader(
+        return ResumableDataLoader(  # a run resumed mid-epoch continues from the very next batch
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=SeededEpochSampler(dataset, seed=self.hparams.seed),

@@ -5,12 +5,19 @@ Protocols: ``base2novel`` (train on base classes, test base and novel in their o
 (all classes, each of ``shots``), ``cross_dataset`` / ``domain_generalization`` (train on the source dataset with
 all classes, test on each of ``targets`` with its own class names). With no arguments it runs the digits demo
 (``configs/prompts/demo.yaml``): a small randomly initialised ViT, so its figures are random-weight figures.
+
+Each (shots, seed) pair trains in its own subfolder ``shots<K>_seed<S>/`` with ``checkpoints/last.ckpt`` (written
+every ``--checkpoint_every_n_steps`` steps, at every epoch end and on SIGTERM/SIGINT, after which the run exits with
+143/130). ``--ckpt_path last --run_dir <run>`` resumes the protocol: every pair with a checkpoint continues from it
+bit-exactly (a pair that had finished only re-evaluates), the others start. ``UNFINISHED`` marks the run folder
+and each pair's folder until they have completed.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import json
 import statistics
 import time
@@ -18,13 +25,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.loggers import CSVLogger
 
 import prompts.module  # noqa: F401  (registers the module classes for --model)
 from agreement import dist
 from agreement.inputs import report_root_cause
+from agreement.runs import (
+    CHECKPOINT_DIR,
+    MAY_DIFFER_ON_RESUME,
+    ExactResume,
+    MarkUnfinished,
+    RunCheckpoint,
+    RunInterrupted,
+    RunLogger,
+    check_budget,
+    check_resume_config,
+    flatten_config,
+    last_checkpoint,
+    mark_finished,
+    mark_unfinished,
+    note_unfinished,
+)
 from prompts.checkpoint import save_prompts
 from prompts.data import FewShotDataModule
 from prompts.inputs import check_protocol_inputs
@@ -71,17 +92,99 @@ class FewShotCLI(LightningCLI):
         parser.add_argument(
             "--init_prompts", type=str | None, default=None, help="prompt checkpoint to start from"
         )
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="'last': resume the protocol in --run_dir (each (shots, seed) from its own last.ckpt); or the "
+            "checkpoint file of a protocol with a single (shots, seed)",
+        )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=500,
+            help="write <pair>/checkpoints/last.ckpt every N optimizer steps too (0: epoch ends and signals only)",
+        )
 
     def instantiate_classes(self) -> None:
         """Nothing here: every run builds its own objects from the parsed config."""
 
-    # ------------------------------------------------------------------ one run
-    def _build(self, shots: int, seed: int, subsample: str, folder: Path):
+    # ------------------------------------------------------------------ plan
+    def _pairs(self) -> list[tuple[int, int]]:
+        shots_list = self.config.shots if self.config.protocol == "fewshot" else self.config.shots[:1]
+        return [(shots, seed) for shots in shots_list for seed in self.config.seeds]
+
+    def _pair_config(self, shots: int, seed: int):
         config = copy.deepcopy(self.config)
         config.data.num_shots = shots
         config.data.seed = seed
-        config.data.subsample = subsample
+        config.data.subsample = "base" if self.config.protocol == "base2novel" else "all"
         config.seed_everything = seed
+        return config
+
+    def _trains(self) -> bool:
+        module, _, name = str(self.config.model.class_path).rpartition(".")
+        try:
+            return bool(getattr(getattr(importlib.import_module(module), name), "trainable", True))
+        except (ImportError, AttributeError):
+            return True  # the parser has already checked the class; assume it trains
+
+    def _plan(self, run_dir: Path) -> dict[tuple[int, int], tuple[Path | None, int | None]]:
+        """Check everything before anything is written: the budget, ``--ckpt_path`` and, for every pair to
+        resume, that its checkpoint was written with the same configuration. Returns ``{pair: (ckpt, step)}``."""
+        ckpt_path = self.config.get("ckpt_path")
+        trains = self._trains()
+        if trains:
+            check_budget(self.config.trainer, "prompt tuning", epochs_required=True)
+        if self.config.checkpoint_every_n_steps < 0:
+            raise ValueError(
+                f"--checkpoint_every_n_steps must be >= 0, got {self.config.checkpoint_every_n_steps}"
+            )
+        pairs = self._pairs()
+        single_file = ckpt_path not in (None, "last")
+        if single_file:
+            if len(pairs) != 1:
+                raise ValueError(
+                    f"--ckpt_path {ckpt_path}: this protocol trains {len(pairs)} (shots, seed) pairs; resume them "
+                    f"all with --ckpt_path last --run_dir {run_dir}"
+                )
+            if not Path(ckpt_path).is_file():
+                raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        if ckpt_path == "last" and not run_dir.is_dir():
+            raise FileNotFoundError(f"--ckpt_path last: there is no run to resume in {run_dir}")
+        plan = {}
+        for shots, seed in pairs:
+            folder = run_dir / f"shots{shots}_seed{seed}"
+            found = last_checkpoint(folder)
+            checkpoint = Path(ckpt_path) if single_file else (found if ckpt_path == "last" else None)
+            if ckpt_path is None and found is not None and trains:
+                raise FileExistsError(
+                    f"{run_dir} already holds a run ({found}); resume it with --ckpt_path last --run_dir {run_dir}, "
+                    "or give another --run_dir"
+                )
+            step = None
+            if checkpoint is not None and trains:
+                hint = (
+                    f"Resume with the configuration the run was started with: python scripts/fewshot_eval.py "
+                    f"--config {run_dir / 'config.yaml'} --ckpt_path last; or start a new run with another --run_dir"
+                )
+                current = flatten_config(self._pair_config(shots, seed))
+                # The lists of pairs and targets may grow: they choose what runs, not how a pair trains.
+                free = (
+                    *MAY_DIFFER_ON_RESUME,
+                    "seeds",
+                    "shots",
+                    "targets",
+                    "init_prompts",
+                    "data.eval_batch_size",
+                )
+                step = check_resume_config(checkpoint, current, hint, free)["global_step"]
+            plan[(shots, seed)] = (checkpoint if trains else None, step)
+        return plan
+
+    # ------------------------------------------------------------------ one run
+    def _build(self, shots: int, seed: int, folder: Path, resume_step: int | None = None):
+        config = self._pair_config(shots, seed)
         pl.seed_everything(seed, workers=True)
         self.config_init = self.parser.instantiate_classes(config)
         model: PromptCLIPModule = self.config_init.model
@@ -89,9 +192,18 @@ class FewShotCLI(LightningCLI):
         data.preprocess_cfg = model.preprocess_cfg
         folder.mkdir(parents=True, exist_ok=True)
         trainer = self.instantiate_trainer(
-            logger=CSVLogger(str(folder), name="", version=""),
+            logger=RunLogger(folder, resume_step=resume_step),
             default_root_dir=str(folder),
-            callbacks=[ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0)],
+            callbacks=[
+                ExactResume(),
+                MarkUnfinished([folder]),
+                *(self._get(self.config_init, "trainer", default={}).get("callbacks") or []),
+                RunCheckpoint(
+                    folder / CHECKPOINT_DIR,
+                    every_n_steps=self.config.checkpoint_every_n_steps,
+                    config=flatten_config(config),
+                ),
+            ],
         )
         return model, data, trainer
 
@@ -103,17 +215,33 @@ class FewShotCLI(LightningCLI):
         trainer.test(model, dataloaders=data.eval_dataloader(items), verbose=False)
         return 100.0 * float(trainer.callback_metrics["test/acc"])
 
-    def run_one(self, shots: int, seed: int, run_dir: Path) -> tuple[list[dict[str, Any]], PromptCLIPModule]:
+    def run_one(
+        self,
+        shots: int,
+        seed: int,
+        run_dir: Path,
+        checkpoint: Path | None = None,
+        resume_step: int | None = None,
+    ) -> tuple[list[dict[str, Any]], PromptCLIPModule]:
+        """Train (or continue from ``checkpoint``) and evaluate one (shots, seed) pair in its own folder."""
         protocol = self.config.protocol
-        subsample = "base" if protocol == "base2novel" else "all"
         folder = run_dir / f"shots{shots}_seed{seed}"
-        model, data, trainer = self._build(shots, seed, subsample, folder)
+        model, data, trainer = self._build(shots, seed, folder, resume_step)
         if self.config.init_prompts:
             from prompts.checkpoint import load_prompts
 
             load_prompts(model.model, self.config.init_prompts)
         if model.trainable:
-            trainer.fit(model, datamodule=data, ckpt_path=self.config.get("ckpt_path"))
+            try:
+                trainer.fit(model, datamodule=data, ckpt_path=checkpoint, weights_only=True)
+            except RunInterrupted as stop:
+                if trainer.is_global_zero:
+                    line = f"Stopped by {stop.signal_name} in {folder.name} after step {stop.step}"
+                    note_unfinished(folder, line)
+                    note_unfinished(run_dir, line)
+                raise
+            if trainer.global_step == 0:
+                raise RuntimeError(f"{folder}: training took no optimizer step; nothing to save or evaluate")
             if trainer.is_global_zero:
                 save_prompts(
                     model.model, folder / "prompts.safetensors", extra={"model_name": model.model_name}
@@ -147,26 +275,37 @@ class FewShotCLI(LightningCLI):
                 trainer, model, target_data, test, target_data.all_classnames, target_data.dataset_name
             )
             rows.append({**base, "eval": "target", "target": target_data.display_name, "accuracy": acc})
+        if model.trainable and trainer.is_global_zero:
+            mark_finished(folder)
         return rows, model
 
     # ------------------------------------------------------------------ whole protocol
     def run_protocol(self) -> dict[str, Any]:
         check_protocol_inputs(self.config)  # before the run folder exists: bad input leaves nothing behind
         configured = self.config.get("run_dir")
+        ckpt_path = self.config.get("ckpt_path")
+        if configured is None and ckpt_path == "last":
+            raise ValueError("--ckpt_path last resumes the run in --run_dir: give --run_dir <run folder>")
+        if configured is None and ckpt_path is not None and Path(ckpt_path).parent.name == CHECKPOINT_DIR:
+            # <run>/shots<K>_seed<S>/checkpoints/<file>: continue that run
+            configured = str(Path(ckpt_path).parents[2])
         run_dir = (
             Path(configured) if configured else Path("runs") / "fewshot" / time.strftime("%Y%m%d-%H%M%S")
         )
+        plan = self._plan(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if dist.is_main_process():
+            mark_unfinished(
+                run_dir,
+                f"python scripts/fewshot_eval.py --config {run_dir / 'config.yaml'} --ckpt_path last",
+            )
             self.parser.save(self.config, run_dir / "config.yaml", overwrite=True, skip_check=True)
         protocol = self.config.protocol
-        shots_list = self.config.shots if protocol == "fewshot" else self.config.shots[:1]
         rows: list[dict[str, Any]] = []
         start = time.time()
-        for shots in shots_list:
-            for seed in self.config.seeds:
-                run_rows, _ = self.run_one(shots, seed, run_dir)
-                rows += run_rows
+        for (shots, seed), (checkpoint, step) in plan.items():
+            run_rows, _ = self.run_one(shots, seed, run_dir, checkpoint, step)
+            rows += run_rows
         summary = summarise(protocol, rows)
         summary.update(
             {"run_dir": str(run_dir), "protocol": protocol, "seconds": round(time.time() - start, 1)}
@@ -175,6 +314,7 @@ class FewShotCLI(LightningCLI):
         if dist.is_main_process():
             write_results(run_dir, summary, rows)
             print_results(summary)
+            mark_finished(run_dir)
         return summary
 
 

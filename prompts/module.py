@@ -315,7 +315,9 @@ class PromptSRC(PromptCLIPModule):
         if epoch <= self.aggregator.num_epochs:
             self.aggregator.add(epoch, self.model.prompt_parameters())
 
-    def on_train_end(self) -> None:
+    def on_fit_end(self) -> None:
+        # At the end of fit rather than of training, so that resuming a run whose training had already ended
+        # (Lightning then skips the training loop) also ends with the aggregate.
         if self.aggregator is not None and self.aggregator.epochs:
             self.load_aggregated_prompts()
 

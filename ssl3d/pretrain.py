@@ -4,6 +4,10 @@ Every run gets its own folder (``--run_dir``, default ``runs/pretrain/<timestamp
 ``config.yaml``, ``metrics.csv``, ``checkpoints/``, ``loss_curve.png``, the exported encoder (``encoder/``) and,
 with ``--evaluate true``, ``probe.json``: a kNN probe of frozen patch features on held-out MNI152 slices for the
 pretrained encoder, a randomly initialised one and raw intensities.
+
+``checkpoints/last.ckpt`` is written every ``--checkpoint_every_n_steps`` steps, at every epoch end and on
+SIGTERM/SIGINT (then the run exits with 143/130); ``--ckpt_path last`` (or a checkpoint file) resumes bit-exactly
+in the same folder. ``UNFINISHED`` marks the folder until the run has completed; the encoder is exported only then.
 """
 
 from __future__ import annotations
@@ -16,12 +20,26 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.loggers import CSVLogger
 
 from agreement.callbacks import ClusterUsageCallback
 from agreement.inputs import report_root_cause
+from agreement.runs import (
+    CHECKPOINT_DIR,
+    ExactResume,
+    MarkUnfinished,
+    RunCheckpoint,
+    RunInterrupted,
+    RunLogger,
+    check_budget,
+    check_resume_config,
+    flatten_config,
+    mark_finished,
+    note_unfinished,
+    refuse_to_overwrite,
+    resolve_checkpoint,
+)
 from ssl3d.data.datamodule import JointSSLDataModule
 from ssl3d.encoder import SliceEncoder
 from ssl3d.export import export_encoder
@@ -32,8 +50,16 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ssl3d"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
+def resume_command(run_dir: str | Path) -> str:
+    return f"python scripts/pretrain.py --config {Path(run_dir) / 'config.yaml'} --ckpt_path last"
+
+
 class PretrainCLI(LightningCLI):
-    """LightningCLI with a run folder, the run's logger and checkpoints, and the evaluation switch."""
+    """LightningCLI with a run folder, the run's logger and checkpoints, resume, and the evaluation switch.
+
+    Everything that can make a run impossible (its budget, the checkpoint to resume, the run folder holding another
+    run, a configuration that differs from the checkpoint's) is checked before anything is written.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None, help="output folder of this run")
@@ -55,26 +81,63 @@ class PretrainCLI(LightningCLI):
             default=False,
             help="also run the MNI152 tissue patch kNN probe (a diagnostic beside raw intensities)",
         )
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="resume from this checkpoint, or 'last' for <run_dir>/checkpoints/last.ckpt (same configuration)",
+        )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=500,
+            help="write checkpoints/last.ckpt every N optimizer steps too (0: only at epoch ends and on signals)",
+        )
         parser.link_arguments("data.num_slices", "model.num_slices")
         parser.link_arguments("seed_everything", "data.seed")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        check_budget(config["trainer"], "pretraining", epochs_required=True)
+        if config["checkpoint_every_n_steps"] < 0:
+            raise ValueError(
+                f"--checkpoint_every_n_steps must be >= 0, got {config['checkpoint_every_n_steps']}"
+            )
+        checkpoint, run_dir = resolve_checkpoint(config.get("ckpt_path"), config.get("run_dir"))
+        run_dir = run_dir or Path("runs") / "pretrain" / time.strftime("%Y%m%d-%H%M%S")
+        config["run_dir"] = str(run_dir)
+        self.checkpoint: Path | None = checkpoint
+        self.resume_step: int | None = None
+        if checkpoint is None:
+            refuse_to_overwrite(run_dir, f"--ckpt_path last --run_dir {run_dir}")
+        else:
+            hint = (
+                f"Resume with the configuration the run was started with: {resume_command(run_dir)}; "
+                "or start a new run with another --run_dir"
+            )
+            self.resume_step = check_resume_config(checkpoint, flatten_config(config), hint)["global_step"]
+
     def run_dir(self) -> Path:
-        configured = self.config.get("run_dir")
-        return Path(configured) if configured else Path("runs") / "pretrain" / time.strftime("%Y%m%d-%H%M%S")
+        return Path(self.config["run_dir"])
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run_dir = self.run_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.config["run_dir"] = str(run_dir)
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = CSVLogger(str(run_dir), name="", version="")
+            kwargs["logger"] = RunLogger(run_dir, resume_step=self.resume_step)
         kwargs["default_root_dir"] = str(run_dir)
         model = self.model
         clusters = list(model.hparams.prototypes_2d) + list(model.hparams.prototypes_3d)
         kwargs["callbacks"] = [
+            ExactResume(),
+            MarkUnfinished([run_dir], resume_command(run_dir)),
             *(trainer_config.get("callbacks") or []),
-            ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+            RunCheckpoint(
+                run_dir / CHECKPOINT_DIR,
+                every_n_steps=self.config["checkpoint_every_n_steps"],
+                config=flatten_config(self.config),
+            ),
             LearningRateMonitor(logging_interval="step"),
             ClusterUsageCallback(clusters, gather=False),
         ]
@@ -179,10 +242,21 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(cli.config["run_dir"])
     # The seeded initialisation (also on resume: weights are loaded in fit), for the paired comparison.
     initial_state = {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
-    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    try:
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=cli.checkpoint, weights_only=True)
+    except RunInterrupted as stop:
+        if cli.trainer.is_global_zero:
+            note_unfinished(
+                run_dir, f"Stopped by {stop.signal_name} after step {stop.step}: {stop.checkpoint}"
+            )
+        raise
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if not cli.trainer.is_global_zero:
         return summary
+    if cli.trainer.global_step == 0:
+        raise RuntimeError(
+            f"{run_dir}: training took no optimizer step, so there is no trained encoder to export"
+        )
     model: JointSSL = cli.model
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     encoder_file = export_encoder(
@@ -191,12 +265,13 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         run_dir / "encoder",
         extra={"d_model": model.hparams.d_model, "multi_level": model.hparams.multi_level},
     )
-    curves = plot_loss_curves(run_dir / "metrics.csv", run_dir / "loss_curve.png")
+    metrics = run_dir / "metrics.csv"
+    curves = plot_loss_curves(metrics, run_dir / "loss_curve.png") if metrics.is_file() else None
     summary.update(
         {
             "config": str(run_dir / "config.yaml"),
             "checkpoint": str(checkpoint) if checkpoint.is_file() else None,
-            "metrics": str(run_dir / "metrics.csv"),
+            "metrics": str(metrics) if metrics.is_file() else None,
             "loss_curve": str(curves) if curves else None,
             "encoder": str(encoder_file),
             "steps": cli.trainer.global_step,
@@ -225,6 +300,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         (run_dir / "probe.json").write_text(json.dumps(probe, indent=2))
     print_summary(summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    mark_finished(run_dir)
     return summary
 
 

@@ -19,6 +19,7 @@ from monai.data import partition_dataset
 from torch.utils.data import DataLoader
 
 from agreement import dist
+from agreement.runs import ResumableDataLoader
 from ssl3d.data.datasets import CACHE_MODES, SeededSampler, SliceViewsDataset, VolumeViewsDataset
 from ssl3d.data.images import check_images
 from ssl3d.data.mni import write_mni152_nifti
@@ -247,6 +248,7 @@ class JointSSLDataModule(pl.LightningDataModule):
         hp = self.hparams
         rank, world = self._rank_and_world()
         # Volumes are pre-sharded, so their sampler does not shard again; ``stream`` keeps ranks' seeds apart.
+        # Resumable loaders: a run resumed from a mid-epoch checkpoint continues from the very next batch.
         volume_sampler = SeededSampler(self.volume_dataset, seed=hp.seed, stream=1 + rank)
         slice_sampler = SeededSampler(
             self.slice_dataset, seed=hp.seed, stream=0, num_replicas=world, rank=rank
@@ -258,10 +260,10 @@ class JointSSLDataModule(pl.LightningDataModule):
             "drop_last": True,
         }
         return {
-            "volumes": DataLoader(
+            "volumes": ResumableDataLoader(
                 self.volume_dataset, batch_size=hp.batch_size_3d, sampler=volume_sampler, **common
             ),
-            "slices": DataLoader(
+            "slices": ResumableDataLoader(
                 self.slice_dataset, batch_size=hp.batch_size_2d, sampler=slice_sampler, **common
             ),
         }

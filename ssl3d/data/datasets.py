@@ -309,6 +309,14 @@ class SeededSampler(DistributedSampler):
         super().set_epoch(epoch)
         self._passes = 0
 
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the number of passes started in it: what the next pass's order and seeds follow from."""
+        return {"epoch": int(self.epoch), "passes": self._passes}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self._passes = int(state["passes"])
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         key = [self.seed, self.stream, self.epoch, self._passes]
         self._passes += 1

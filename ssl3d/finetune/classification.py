@@ -21,6 +21,7 @@ from monai.metrics import compute_roc_auc
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from agreement.runs import ResumableDataLoader
 from ssl3d.data.images import load_image
 from ssl3d.data.sources import IMAGE_EXTENSIONS
 from ssl3d.finetune.encoders import (
@@ -168,7 +169,8 @@ class ImageClassificationData(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader | list:
         if split not in self.splits:
             return []
-        return DataLoader(
+        loader = ResumableDataLoader if shuffle else DataLoader  # training resumes mid-epoch exactly
+        return loader(
             self.splits[split],
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,

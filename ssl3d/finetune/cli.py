@@ -5,8 +5,13 @@ A run folder (``--run_dir``, default ``runs/finetune/<timestamp>``) gets one sub
 ``metrics.csv``, ``checkpoints/``, ``results.json`` and, for segmentation, ``predictions/*.nii.gz``. The
 table of both initialisations is printed at the end and saved as ``<run_dir>/summary.json``.
 
-``--model.init_args.encoder latest`` uses the newest ``runs/pretrain/*/encoder`` and, if there is none,
-pretrains one first with ``ssl3d.pretrain.main(pretrain_args)``.
+``--model.init_args.encoder latest`` uses the newest completed ``runs/pretrain/*/encoder`` (runs marked
+``UNFINISHED`` are skipped) and, if there is none, pretrains one first with ``ssl3d.pretrain.main(pretrain_args)``.
+
+Each initialisation's ``checkpoints/last.ckpt`` is written every ``--checkpoint_every_n_steps`` steps, at every
+epoch end and on SIGTERM/SIGINT (then the run exits with 143/130). ``--ckpt_path last --run_dir <run>`` resumes:
+each initialisation with a checkpoint continues from it bit-exactly (one that had finished is only tested again),
+with the encoder it started with; a checkpoint file resumes the initialisation whose folder holds it.
 """
 
 from __future__ import annotations
@@ -20,9 +25,26 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.loggers import CSVLogger
 
 from agreement.inputs import report_root_cause
+from agreement.runs import (
+    CHECKPOINT_DIR,
+    LAST,
+    MAY_DIFFER_ON_RESUME,
+    ExactResume,
+    MarkUnfinished,
+    RunCheckpoint,
+    RunInterrupted,
+    RunLogger,
+    check_budget,
+    check_resume_config,
+    checkpoint_info,
+    flatten_config,
+    is_unfinished,
+    last_checkpoint,
+    mark_finished,
+    note_unfinished,
+)
 from ssl3d.report import format_table
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "finetune"
@@ -34,11 +56,16 @@ log = logging.getLogger(__name__)
 
 
 def latest_encoder(root: str | Path = PRETRAIN_ROOT) -> Path | None:
-    """The exported encoder folder of the newest run under ``root`` (run folders are named by timestamp)."""
+    """The exported encoder folder of the newest completed run under ``root`` (run folders are named by timestamp;
+    a run marked ``UNFINISHED`` is still going or was stopped, and is skipped)."""
     root = Path(root)
     if not root.is_dir():
         return None
-    runs = sorted(p for p in root.iterdir() if (p / "encoder" / "encoder.safetensors").is_file())
+    runs = sorted(
+        p
+        for p in root.iterdir()
+        if (p / "encoder" / "encoder.safetensors").is_file() and not is_unfinished(p)
+    )
     return runs[-1] / "encoder" if runs else None
 
 
@@ -81,22 +108,86 @@ class FinetuneCLI(LightningCLI):
             help="arguments of scripts/pretrain.py used when encoder is 'latest' and no pretraining run exists",
         )
         parser.add_argument("--variant", type=str | None, default=None, help="subfolder name (set by main)")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="'last': resume the run in --run_dir (each initialisation from its own last.ckpt); or a "
+            "checkpoint file, which resumes the initialisation whose folder holds it",
+        )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=500,
+            help="write <init>/checkpoints/last.ckpt every N optimizer steps too (0: epoch ends and signals only)",
+        )
         parser.link_arguments("data.init_args.class_names", "model.init_args.class_names")
 
     def before_instantiate_classes(self) -> None:
+        """Resolve the run folder, the checkpoint and the encoder; check all before anything is written."""
         config = self.config
+        check_budget(config["trainer"], "fine-tuning")  # max_epochs=-1 with a max_steps is a finite budget
+        if config["checkpoint_every_n_steps"] < 0:
+            raise ValueError(
+                f"--checkpoint_every_n_steps must be >= 0, got {config['checkpoint_every_n_steps']}"
+            )
         model_args = config["model"]["init_args"]
-        model_args["encoder"] = resolve_encoder(model_args.get("encoder"), config["pretrain_args"])
-        variant = config["variant"] or ("pretrained" if model_args["encoder"] else "random")
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path not in (None, "last"):
+            file = Path(ckpt_path)
+            if not file.is_file():
+                raise FileNotFoundError(f"--ckpt_path {file}: no such checkpoint file")
+            if config["run_dir"] is None and file.parent.name == CHECKPOINT_DIR:
+                config["run_dir"] = str(file.parents[2])  # <run>/<initialisation>/checkpoints/<file>
+        if ckpt_path == "last" and config["run_dir"] is None:
+            raise ValueError("--ckpt_path last resumes the run in --run_dir: give --run_dir <run folder>")
         parent = (
             Path(config["run_dir"])
             if config["run_dir"]
             else Path("runs/finetune") / time.strftime("%Y%m%d-%H%M%S")
         )
         config["run_dir"] = str(parent)
+        variant = config["variant"] or ("pretrained" if model_args.get("encoder") else "random")
+        # main() runs the random-weights comparison with --variant after the first one has written its folder.
+        siblings = config["variant"] is None
+        self.checkpoint = self._variant_checkpoint(parent / variant, ckpt_path, siblings)
+        if self.checkpoint is not None and model_args.get("encoder") == LATEST:
+            # Resume with the encoder the run started with, not whatever is newest now.
+            saved = checkpoint_info(self.checkpoint)["config"] or {}
+            model_args["encoder"] = saved.get("model.init_args.encoder", LATEST)
+        model_args["encoder"] = resolve_encoder(model_args.get("encoder"), config["pretrain_args"])
+        variant = config["variant"] or ("pretrained" if model_args["encoder"] else "random")
         config["variant"] = variant
         if "prediction_dir" in model_args and model_args["prediction_dir"] is None:
             model_args["prediction_dir"] = str(parent / variant / "predictions")
+        self.resume_step = None
+        if self.checkpoint is not None:
+            hint = (
+                "Resume with the configuration the run was started with: python scripts/finetune.py --config "
+                f"{parent / variant / 'config.yaml'} --ckpt_path last; or start a new run with another --run_dir"
+            )
+            free = ("variant", "pretrain_args", "compare_random", "model.init_args.prediction_dir")
+            current = flatten_config(config)
+            info = check_resume_config(self.checkpoint, current, hint, (*MAY_DIFFER_ON_RESUME, *free))
+            self.resume_step = info["global_step"]
+
+    @staticmethod
+    def _variant_checkpoint(folder: Path, ckpt_path: str | None, siblings: bool = True) -> Path | None:
+        """The checkpoint one initialisation continues from; a new run may not overwrite an earlier one's (in
+        ``folder`` or, with ``siblings``, in any initialisation's folder of the run)."""
+        found = last_checkpoint(folder)
+        if ckpt_path is None:
+            pattern = f"*/{CHECKPOINT_DIR}/{LAST}" if siblings else f"{folder.name}/{CHECKPOINT_DIR}/{LAST}"
+            others = sorted(folder.parent.glob(pattern)) if folder.parent.is_dir() else []
+            if others:
+                raise FileExistsError(
+                    f"{folder.parent} already holds a run ({others[0]}); resume it with --ckpt_path last "
+                    f"--run_dir {folder.parent}, or give another --run_dir"
+                )
+            return None
+        if ckpt_path != "last" and Path(ckpt_path).resolve().parent.parent == folder.resolve():
+            return Path(ckpt_path)
+        return found
 
     def variant_dir(self) -> Path:
         return Path(self.config["run_dir"]) / self.config["variant"]
@@ -104,21 +195,29 @@ class FinetuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run_dir = self.variant_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
+        hint = f"python scripts/finetune.py --config {run_dir / 'config.yaml'} --ckpt_path last"
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = CSVLogger(str(run_dir), name="", version="")
+            kwargs["logger"] = RunLogger(run_dir, resume_step=self.resume_step)
         kwargs["default_root_dir"] = str(run_dir)
         monitor, mode = getattr(self.model, "monitor", (None, "max"))
         if not getattr(self.datamodule, "has_validation", False):
             monitor = None
-        kwargs["callbacks"] = [
+        callbacks = [
+            ExactResume(),
+            MarkUnfinished([run_dir.parent, run_dir], hint),
             *(trainer_config.get("callbacks") or []),
-            ModelCheckpoint(
-                dirpath=run_dir / "checkpoints",
-                save_last=True,
-                monitor=monitor,
-                mode=mode,
-                save_top_k=1 if monitor else 0,
+        ]
+        if monitor:  # the best epoch by validation, for testing; before RunCheckpoint so its state is saved
+            callbacks.append(
+                ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, monitor=monitor, mode=mode, save_top_k=1)
+            )
+        kwargs["callbacks"] = [
+            *callbacks,
+            RunCheckpoint(
+                run_dir / CHECKPOINT_DIR,
+                every_n_steps=self.config["checkpoint_every_n_steps"],
+                config=flatten_config(self.config),
             ),
             LearningRateMonitor(logging_interval="step"),
         ]
@@ -146,9 +245,18 @@ def run_variant(cli: FinetuneCLI) -> dict[str, Any]:
     """Fit, then test (with the best validation checkpoint when there is one); return the variant's results."""
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     started = time.perf_counter()
-    trainer.fit(model, data, ckpt_path=cli.config.get("ckpt_path"))
+    try:
+        trainer.fit(model, data, ckpt_path=cli.checkpoint, weights_only=True)
+    except RunInterrupted as stop:
+        if trainer.is_global_zero:
+            line = f"Stopped by {stop.signal_name} in {cli.variant_dir().name} after step {stop.step}"
+            note_unfinished(cli.variant_dir(), line)
+            note_unfinished(cli.variant_dir().parent, line)
+        raise
+    if trainer.global_step == 0:
+        raise RuntimeError(f"{cli.variant_dir()}: training took no optimizer step; nothing to test")
     fit_seconds = time.perf_counter() - started
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = next((c.best_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), "")
     trainer.test(model, data, ckpt_path=best or None, verbose=False)
     results = {
         "variant": cli.config["variant"],
@@ -163,6 +271,7 @@ def run_variant(cli: FinetuneCLI) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         (cli.variant_dir() / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        mark_finished(cli.variant_dir())
     return results
 
 
@@ -185,6 +294,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     if cli.trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print_summary(summary)
+        mark_finished(run_dir)
     return summary
 
 

@@ -340,6 +340,8 @@ def _run_arm(cli_args: list[str], arm_dir: Path, resume: bool) -> dict[str, Any]
         return {**json.loads(results_file.read_text()), "reused": True}
     for stale in (args_file, arm_dir / "paired_start.json"):
         stale.unlink(missing_ok=True)
+    # A rerun replaces the arm: its old checkpoints would otherwise be refused as another run's.
+    shutil.rmtree(arm_dir / "checkpoints", ignore_errors=True)
     results = finetune(cli_args)["variants"][0]
     args_file.write_text(json.dumps(cli_args, indent=1))
     return results

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
+from agreement.runs import ResumableDataLoader
 from ssl3d.data.volumes import VolumeLoader
 from ssl3d.probe import patch_label_grid, slice_bands
 
@@ -448,7 +449,7 @@ class SegmentationData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset, sampler = self.train_dataset()
-        return DataLoader(
+        return ResumableDataLoader(  # training resumes mid-epoch exactly
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,

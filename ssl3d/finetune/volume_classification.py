@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from agreement.inputs import load_torch_file
+from agreement.runs import ResumableDataLoader
 from ssl3d.attention import SliceTransformer
 from ssl3d.data.sources import list_volumes
 from ssl3d.data.volumes import VolumeLoader, check_volumes
@@ -523,7 +524,8 @@ class VolumeClassificationData(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader | list:
         if split not in self.splits:
             return []
-        return DataLoader(
+        loader = ResumableDataLoader if shuffle else DataLoader  # training resumes mid-epoch exactly
+        return loader(
             self.splits[split],
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,

@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from agreement.runs import ExactResume
 from ssl3d.module import JointSSL
 from tests.ssl3d.tiny import TINY_MODEL, TinyDataModule
 
@@ -118,12 +119,12 @@ def test_resume_reaches_the_same_losses(tmp_path, clustering, extra):
     pl.seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, save_top_k=0)
     first = StepLosses()
-    make_trainer(tmp_path / "b", 4, [first, checkpoint, StopAfterEpochs(2)]).fit(
+    make_trainer(tmp_path / "b", 4, [ExactResume(), first, checkpoint, StopAfterEpochs(2)]).fit(
         JointSSL(**config), TinyDataModule()
     )
     pl.seed_everything(123)  # a resumed run must not depend on the seed of the new process
     resumed = StepLosses()
-    make_trainer(tmp_path / "b", 4, [resumed]).fit(
+    make_trainer(tmp_path / "b", 4, [ExactResume(), resumed]).fit(
         JointSSL(**config), TinyDataModule(), ckpt_path=str(tmp_path / "b" / "last.ckpt")
     )
     assert first.losses == pytest.approx(straight.losses[:8], rel=1e-6)

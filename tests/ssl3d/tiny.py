@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from agreement.runs import ResumableDataLoader
 
 TINY_MODEL = dict(
     backbone="test_efficientnet",
@@ -62,6 +64,6 @@ class TinyDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         return {
-            "volumes": DataLoader(self.volume_data, batch_size=2, shuffle=True, drop_last=True),
-            "slices": DataLoader(self.slice_data, batch_size=6, shuffle=True, drop_last=True),
+            "volumes": ResumableDataLoader(self.volume_data, batch_size=2, shuffle=True, drop_last=True),
+            "slices": ResumableDataLoader(self.slice_data, batch_size=6, shuffle=True, drop_last=True),
         }

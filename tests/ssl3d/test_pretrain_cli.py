@@ -30,8 +30,18 @@ TINY_ARGS = [
 @pytest.mark.slow
 def test_demo_pipeline_writes_the_whole_run_folder(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    summary = main([*TINY_ARGS, f"--run_dir={run_dir}", f"--data.demo_dir={tmp_path / 'demo'}"])
-    for name in ("config.yaml", "metrics.csv", "loss_curve.png", "probe.json", "summary.json"):
+    summary = main(
+        [*TINY_ARGS, f"--run_dir={run_dir}", f"--data.demo_dir={tmp_path / 'demo'}", "--tissue_probe=true"]
+    )
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "loss_curve.png",
+        "cross_subject.json",
+        "cross_subject.md",
+        "probe.json",
+        "summary.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "max_epochs: 2" in (run_dir / "config.yaml").read_text()
@@ -53,7 +63,16 @@ def test_demo_pipeline_writes_the_whole_run_folder(tmp_path, capsys):
         assert row["beats every random seed"] == (row["pretrained"] > max(seeds))
     assert 0.0 <= probe["raw intensities"]["accuracy"] <= 1.0
     assert summary["steps"] == 4
+    comparison = json.loads((run_dir / "cross_subject.json").read_text())
+    metrics = [row["metric"] for row in comparison["rows"]]
+    assert any("position" in m for m in metrics) and any("region AUROC" in m for m in metrics)
+    for row in comparison["rows"]:
+        assert len(row["random values"]) == 3
+        # The demo's seed-0 initialisation is random seed 0: the paired difference is against it.
+        assert row["initial"] == row["random values"][0]
+        assert row["paired difference"] == pytest.approx(row["pretrained"] - row["initial"])
     out = capsys.readouterr().out
+    assert "Slice-level probes across subjects" in out and comparison["verdict"] in out
     assert "Tissue kNN probe" in out and str(run_dir) in out
 
 
@@ -77,6 +96,7 @@ def test_more_clusters_than_volumes_fails_before_training(tmp_path):
         main(
             [
                 *args,
+                "--model.clustering=deepcluster",
                 "--model.prototypes_3d=[500]",
                 f"--run_dir={tmp_path / 'run'}",
                 f"--data.demo_dir={tmp_path}",

@@ -95,6 +95,7 @@ class PretrainCLI(LightningCLI):
         )
         parser.link_arguments("data.num_slices", "model.num_slices")
         parser.link_arguments("seed_everything", "data.seed")
+        parser.link_arguments("seed_everything", "model.seed")  # both save it: Lightning wants one value
 
     def before_instantiate_classes(self) -> None:
         config = self.config

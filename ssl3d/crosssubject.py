@@ -46,6 +46,7 @@ from scipy import ndimage
 from torchmetrics.functional.classification import multilabel_auroc
 
 from agreement._optional import optional_import
+from agreement.inputs import load_torch_file
 from ssl3d.data.datamodule import DEMO_RESOLUTION
 from ssl3d.encoder import SliceEncoder
 from ssl3d.fashion import DatasetNotFoundError
@@ -648,9 +649,16 @@ def load_networks(model: JointSSL, state: dict[str, torch.Tensor]) -> JointSSL:
 
 def load_checkpoint_model(path: str | Path) -> JointSSL:
     """A ``JointSSL`` with the hyperparameters and networks of a Lightning checkpoint (``weights_only``)."""
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path, "pretraining checkpoint")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
     arguments = _init_arguments(checkpoint.get("hyper_parameters") or {})
-    return load_networks(JointSSL(**arguments), checkpoint["state_dict"])
+    try:
+        return load_networks(JointSSL(**arguments), checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(
+            f"{path}: its networks do not fit its hyperparameters ({str(error).splitlines()[0]})"
+        ) from None
 
 
 def _same_networks(model: JointSSL, state: dict[str, torch.Tensor]) -> bool:
@@ -782,3 +790,172 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
         f"Pretraining beats random initialisation beyond the seeds' spread ({rule}) on {len(better)} of "
         f"{len(rows)} metrics ({', '.join(better)}), not on {', '.join(others)}."
     )
+
+
+# ------------------------------------------------------------------------- several pretraining runs vs random
+@dataclass(frozen=True)
+class PretrainedRun:
+    """One finished pretraining run: its name (the run folder), the model with its trained networks, and the
+    seed its networks were initialised from (``seed_everything``), for the paired difference."""
+
+    name: str
+    model: JointSSL
+    seed: int
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def separates_from_random(
+    pretrained: Sequence[float], random_values: Sequence[float], paired: Sequence[float], higher_better: bool
+) -> bool:
+    """The verdict rule of :func:`compare_runs`: every pretraining run is better than every random
+    initialisation, and better than its own initialisation. With 3 runs and 3 random seeds, the first part
+    alone happens by chance with probability 1/20 when pretraining changes nothing (a rank test's p-value)."""
+    sign = 1.0 if higher_better else -1.0
+    pretrained_worst = min(sign * float(v) for v in pretrained)
+    random_best = max(sign * float(v) for v in random_values)
+    return bool(pretrained_worst > random_best and all(sign * float(d) > 0 for d in paired))
+
+
+def compare_runs(
+    runs: Sequence[PretrainedRun], random_seeds: int, data: CrossSubjectData, volume: bool = True
+) -> dict[str, Any]:
+    """The probes on several pretraining runs (e.g. three seeds of one configuration) against random
+    initialisations of the same architecture.
+
+    The random seeds are the runs' own seeds first (their initialisations, so each run's paired difference is
+    pretrained minus its own initialisation), then the smallest unused seeds up to ``random_seeds``. Every
+    network's BatchNorm statistics are re-estimated on the MNI152 training slices (:func:`_probe_model`).
+    Returns ``rows`` (one per metric: pretrained values, mean and sample std over runs; random values, mean and
+    std; paired differences, mean and std; ``separates from random`` by :func:`separates_from_random`; raw-pixel
+    ``baselines``), ``runs``, ``random seeds``, ``rule`` and ``seconds``.
+    """
+    if not runs:
+        raise ValueError("compare_runs needs at least one pretraining run")
+    started = time.perf_counter()
+    template = runs[0].model
+    seeds = list(dict.fromkeys(int(run.seed) for run in runs))
+    candidate = 0
+    while len(seeds) < random_seeds:
+        if candidate not in seeds:
+            seeds.append(candidate)
+        candidate += 1
+    random_results = {seed: _probe_model(_fresh_model(template, seed), data, volume) for seed in seeds}
+    pretrained_results = []
+    for run in runs:
+        networks = {k: v.detach().cpu() for k, v in _network_state(run.model.state_dict()).items()}
+        try:
+            model = load_networks(_fresh_model(template, 0), networks)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{run.name}: its networks do not fit the architecture of {runs[0].name}; compare runs of one "
+                f"configuration ({str(error).splitlines()[0]})"
+            ) from None
+        pretrained_results.append(_probe_model(model, data, volume))
+    baselines = baseline_probes(data)
+    rows = []
+    for metric in pretrained_results[0]:
+        higher = higher_is_better(metric)
+        pretrained = [r[metric] for r in pretrained_results]
+        random_values = [random_results[seed][metric] for seed in seeds]
+        paired = [r[metric] - random_results[run.seed][metric] for r, run in zip(pretrained_results, runs)]
+        probe = metric.rsplit(" / ", 1)[-1]
+        rows.append(
+            {
+                "metric": metric,
+                "higher is better": higher,
+                "pretrained values": pretrained,
+                "pretrained mean": _mean_std(pretrained)[0],
+                "pretrained std": _mean_std(pretrained)[1],
+                "random values": random_values,
+                "random mean": _mean_std(random_values)[0],
+                "random std": _mean_std(random_values)[1],
+                "paired differences": paired,
+                "paired mean": _mean_std(paired)[0],
+                "paired std": _mean_std(paired)[1],
+                "separates from random": separates_from_random(pretrained, random_values, paired, higher),
+                "baselines": {
+                    name.rsplit(" / ", 1)[0]: v
+                    for name, v in baselines.items()
+                    if name.endswith(" / " + probe)
+                },
+            }
+        )
+    return {
+        "rows": rows,
+        "runs": [{"name": run.name, "seed": run.seed} for run in runs],
+        "random seeds": seeds,
+        "rule": "every pretraining run better than every random initialisation and than its own initialisation",
+        "axis": AXIS_NAMES[data.slice_axis],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def format_run_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`compare_runs` rows."""
+    table = []
+    for row in rows:
+        table.append(
+            {
+                "metric": f"{row['metric']} {'↑' if row['higher is better'] else '↓'}",
+                f"pretrained (n={len(row['pretrained values'])})": (
+                    f"{row['pretrained mean']:.3f} ± {row['pretrained std']:.3f}"
+                ),
+                f"random (n={len(row['random values'])})": f"{row['random mean']:.3f} ± {row['random std']:.3f}",
+                "paired Δ vs own init": f"{row['paired mean']:+.3f} ± {row['paired std']:.3f}",
+                "every run beats every random seed": "yes" if row["separates from random"] else "no",
+                "raw-intensity baselines": "; ".join(
+                    f"{name} {value:.3f}" for name, value in row.get("baselines", {}).items()
+                ),
+            }
+        )
+    return format_table(table, list(table[0])) if table else ""
+
+
+def run_verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """One line: on which metrics every pretraining run beats every random initialisation and its own."""
+    if not rows:
+        return "No cross-subject metrics to compare."
+    better = [row["metric"] for row in rows if row["separates from random"]]
+    others = [row["metric"] for row in rows if not row["separates from random"]]
+    rule = "every run better than every random seed and than its own initialisation"
+    if not others:
+        return f"Pretraining beats random initialisation ({rule}) on every metric."
+    if not better:
+        return f"Pretraining does not beat random initialisation ({rule}) on any metric."
+    return (
+        f"Pretraining beats random initialisation ({rule}) on {len(better)} of {len(rows)} metrics "
+        f"({', '.join(better)}), not on {', '.join(others)}."
+    )
+
+
+def plot_runs(rows: Sequence[dict[str, Any]], out_png: str | Path) -> Path:
+    """One panel per metric: random initialisations and pretraining runs, each run joined to its own
+    initialisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(rows))
+    lines = math.ceil(len(rows) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.8 * lines), squeeze=False)
+    for axis, row in zip(axes.flat, rows):
+        randoms, pretrained = row["random values"], row["pretrained values"]
+        axis.scatter(np.zeros(len(randoms)), randoms, color="grey", label="random")
+        axis.scatter(np.ones(len(pretrained)), pretrained, color="tab:blue", label="pretrained")
+        for value, difference in zip(pretrained, row["paired differences"]):
+            axis.plot([0, 1], [value - difference, value], color="tab:blue", alpha=0.4)
+        axis.set_xticks([0, 1], ["random", "pretrained"])
+        axis.set_xlim(-0.5, 1.5)
+        axis.set_title(f"{row['metric']} {'↑' if row['higher is better'] else '↓'}", fontsize=8)
+    for axis in list(axes.flat)[len(rows) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    out_png = Path(out_png)
+    figure.savefig(out_png, dpi=110)
+    plt.close(figure)
+    return out_png

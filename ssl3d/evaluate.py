@@ -3,6 +3,8 @@
 Sub-commands:
 
 - ``fashion``: the 2D implementation check on Fashion-MNIST (``ssl3d.fashion``), SwAV and DeepCluster-V2.
+- ``cross-subject``: finished ``scripts/pretrain.py`` runs (e.g. three seeds) against random initialisations on
+  the slice- and volume-level probes trained on MNI152 and tested on Colin27 (``ssl3d.crosssubject``).
 - ``finetune``: fine-tuning from the pretrained encoder against random weights, seed-paired, with BatchNorm
   statistics handled alike, at several label fractions (``ssl3d.finetune.compare``).
 """
@@ -10,11 +12,15 @@ Sub-commands:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from agreement.runs import UNFINISHED, last_checkpoint
 from ssl3d.fashion import CheckConfig, DatasetNotFoundError, report_table, run_check
 
 
@@ -47,6 +53,75 @@ def _fashion(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def load_pretraining_run(run_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """A finished ``scripts/pretrain.py`` run folder: its model (``ssl3d.crosssubject.PretrainedRun``) and the
+    data settings the probes need (``size``, ``num_slices``, ``slice_axis``)."""
+    from ssl3d.crosssubject import PretrainedRun, load_checkpoint_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run folder")
+    if (run_dir / UNFINISHED).is_file():
+        raise ValueError(
+            f"{run_dir}: the run has not completed ({UNFINISHED} is there); finish or resume it first"
+        )
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{run_dir}: no config.yaml; is this a scripts/pretrain.py run folder?")
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{config_file}: not valid YAML ({str(error).splitlines()[0]})") from None
+    data = (config or {}).get("data") or {}
+    missing = [key for key in ("size", "num_slices", "slice_axis") if key not in data]
+    if missing or not isinstance(config.get("seed_everything"), int):
+        raise ValueError(
+            f"{config_file}: lacks data.size, data.num_slices, data.slice_axis or seed_everything"
+        )
+    checkpoint = last_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ValueError(f"{run_dir}: no checkpoints/last.ckpt")
+    model = load_checkpoint_model(checkpoint)
+    settings = {
+        "size": tuple(data["size"]),
+        "num_slices": data["num_slices"],
+        "slice_axis": data["slice_axis"],
+    }
+    return PretrainedRun(str(run_dir), model, config["seed_everything"]), settings
+
+
+def _cross_subject(args: argparse.Namespace) -> dict[str, Any]:
+    from ssl3d.crosssubject import compare_runs, cross_subject_data, format_run_rows, plot_runs, run_verdict
+
+    if args.random_seeds < 2:
+        raise ValueError(f"--random_seeds must be at least 2 for a spread, got {args.random_seeds}")
+    loaded = [load_pretraining_run(run) for run in args.runs]
+    settings = loaded[0][1]
+    for (_, other), name in zip(loaded[1:], args.runs[1:]):
+        if other != settings:
+            raise ValueError(f"{name}: data settings {other} differ from {args.runs[0]}'s {settings}")
+    data = cross_subject_data(colin_dir=args.colin_dir, **settings)
+    result = compare_runs([run for run, _ in loaded], args.random_seeds, data, volume=args.volume)
+    result["table"] = format_run_rows(result["rows"])
+    result["verdict"] = run_verdict(result["rows"])
+    out_dir = Path(
+        args.out_dir or Path("runs") / "evaluate" / f"cross-subject-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = ", ".join(f"{run['name']} (seed {run['seed']})" for run in result["runs"])
+    (out_dir / "cross_subject.md").write_text(
+        f"# Cross-subject probes: pretraining runs against random initialisations\n\nRuns: {runs}. Random "
+        f"seeds: {result['random seeds']}. Trained on MNI152, tested on Colin27 ({result['axis']} slices).\n\n"
+        f"{result['table']}\n\n{result['verdict']}\n"
+    )
+    (out_dir / "cross_subject.json").write_text(json.dumps(result, indent=2))
+    plot_runs(result["rows"], out_dir / "cross_subject.png")
+    print(f"\nCross-subject probes ({result['seconds'] / 60:.1f} min); report in {out_dir}/cross_subject.md")
+    print(result["table"])
+    print(result["verdict"])
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     fashion.add_argument("--knn_test_images", type=int, default=defaults.knn_test_images)
     fashion.add_argument("--out_dir", default=None, help="default runs/evaluate/fashion-<time>")
     fashion.set_defaults(run=_fashion)
+    cross = commands.add_parser(
+        "cross-subject",
+        help="finished pretraining runs against random initialisations, MNI152 -> Colin27 probes",
+    )
+    cross.add_argument(
+        "--runs", nargs="+", required=True, help="scripts/pretrain.py run folders (one config)"
+    )
+    cross.add_argument(
+        "--random_seeds", type=int, default=3, help="random initialisations (the runs' own first)"
+    )
+    cross.add_argument(
+        "--volume",
+        type=lambda text: text.lower() in ("1", "true", "yes"),
+        default=True,
+        help="also probe the 3D branch's volume embedding (true/false, default true)",
+    )
+    cross.add_argument("--colin_dir", default=None, help="folder with ch2bet.nii.gz, aal.nii.gz, aal.nii.txt")
+    cross.add_argument("--out_dir", default=None, help="default runs/evaluate/cross-subject-<time>")
+    cross.set_defaults(run=_cross_subject)
     finetune = commands.add_parser(
         "finetune", help="fine-tuning from the pretrained encoder against random weights, seed-paired"
     )

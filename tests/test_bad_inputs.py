@@ -15,6 +15,7 @@ import torch
 
 from entities.cli import main as entities_main
 from prompts.fewshot import main as fewshot_main
+from ssl3d.evaluate import main as evaluate_main
 from ssl3d.finetune.cli import main as finetune_main
 from ssl3d.pretrain import main as pretrain_main
 from tests.finetune.helpers import make_encoder, segmentation_args, write_datalist
@@ -283,6 +284,42 @@ def pretrain_cases() -> dict[str, Callable[[Path], Case]]:
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------ evaluate
+GOOD_RUN_CONFIG = "seed_everything: 0\ndata:\n  size: [32, 32]\n  num_slices: 8\n  slice_axis: 2\n"
+
+
+def evaluate_case(tmp_path, message, config=GOOD_RUN_CONFIG, checkpoint=None, unfinished=False):
+    pretraining = tmp_path / "pretraining"
+    pretraining.mkdir()
+    if config is not None:
+        (pretraining / "config.yaml").write_text(config)
+    if checkpoint is not None:
+        _garbage(pretraining / "checkpoints" / "last.ckpt", checkpoint)
+    if unfinished:
+        (pretraining / "UNFINISHED").write_text("running\n")
+    args = ["cross-subject", f"--runs={pretraining}", f"--out_dir={tmp_path / 'run'}"]
+    return Case(evaluate_main, args, 2, message, nothing_written=True)
+
+
+def evaluate_cases() -> dict[str, Callable[[Path], Case]]:
+    return {
+        "missing run folder": lambda t: Case(
+            evaluate_main, ["cross-subject", f"--runs={t / 'nope'}", f"--out_dir={t / 'run'}"], 2,
+            r"^error: .*nope: no such run folder$", nothing_written=True,
+        ),
+        "unfinished run": lambda t: evaluate_case(t, r"pretraining: the run has not completed", unfinished=True),
+        "folder without config": lambda t: evaluate_case(t, r"pretraining: no config\.yaml", config=None),
+        "config that is not YAML": lambda t: evaluate_case(t, r"config\.yaml: not valid YAML", config="a: [b"),
+        "config without data settings": lambda t: evaluate_case(
+            t, r"config\.yaml: lacks data\.size", config="seed_everything: 0\n"
+        ),
+        "run without checkpoint": lambda t: evaluate_case(t, r"pretraining: no checkpoints/last\.ckpt$"),
+        "unreadable checkpoint": lambda t: evaluate_case(
+            t, r"last\.ckpt: cannot read pretraining checkpoint: it is not a torch file", checkpoint=b"not torch"
+        ),
+    }  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ discover_entities
 def entities_case(tmp_path, args, code, message):
     return Case(entities_main, [*args, f"--run_dir={tmp_path / 'run'}"], code, message)
@@ -334,6 +371,7 @@ CASES = {
     **{f"fewshot: {k}": v for k, v in fewshot_cases().items()},
     **{f"finetune: {k}": v for k, v in finetune_cases().items()},
     **{f"pretrain: {k}": v for k, v in pretrain_cases().items()},
+    **{f"evaluate: {k}": v for k, v in evaluate_cases().items()},
     **{f"entities: {k}": v for k, v in entities_cases().items()},
 }
 

@@ -187,6 +187,16 @@ def test_format_rows_and_verdict_lines():
     assert "every metric" in cs.verdict(rows[:1]) and "any metric" in cs.verdict(rows[1:])
 
 
+def test_the_several_runs_rule_needs_every_run_above_every_seed_and_its_own_init():
+    assert cs.separates_from_random([0.9, 0.85, 0.88], [0.7, 0.8, 0.75], [0.1, 0.05, 0.1], higher_better=True)
+    # One run below the best random seed.
+    assert not cs.separates_from_random([0.9, 0.79, 0.88], [0.7, 0.8, 0.75], [0.1, 0.05, 0.1], True)
+    # Every run above every seed, but one run worse than its own initialisation.
+    assert not cs.separates_from_random([0.9, 0.85, 0.88], [0.7, 0.8, 0.75], [0.1, -0.01, 0.1], True)
+    assert cs.separates_from_random([5.0, 6.0], [10.0, 11.0], [-5.0, -4.0], higher_better=False)
+    assert not cs.separates_from_random([5.0, 6.0], [10.0, 11.0], [-5.0, -4.0], higher_better=True)
+
+
 # Networks.
 
 
@@ -304,3 +314,22 @@ def test_features_constant_on_the_training_subject_are_dropped():
     assert cs.ridge_mae(constant, y_train, test[:, :2], y_test) == pytest.approx(
         np.mean(np.abs(y_test - y_train.mean())), rel=1e-3
     )
+
+
+def test_compare_runs_pairs_each_run_with_its_own_initialisation(data, tiny_model):
+    """Runs that are their own initialisations: paired differences of exactly 0, equal to those seeds' random
+    results, no verdict; a third random seed is added; a run of another architecture is refused."""
+    runs = [cs.PretrainedRun(f"run{seed}", cs._fresh_model(tiny_model, seed), seed) for seed in (1, 0)]
+    result = cs.compare_runs(runs, 3, data, volume=True)
+    assert result["random seeds"] == [1, 0, 2]
+    assert {row["metric"].split(" / ")[0] for row in result["rows"]} == {"embedding", "backbone", "volume"}
+    for row in result["rows"]:
+        assert row["pretrained values"] == row["random values"][:2]
+        assert row["paired differences"] == [0.0, 0.0] and not row["separates from random"]
+        assert row["pretrained std"] == pytest.approx(np.std(row["pretrained values"], ddof=1))
+    table = cs.format_run_rows(result["rows"])
+    assert "pretrained (n=2)" in table and "random (n=3)" in table and "+0.000 ± 0.000" in table
+    assert "any metric" in cs.run_verdict(result["rows"])
+    other = JointSSL(**{**TINY_MODEL, "d_model": 48})
+    with pytest.raises(ValueError, match="run9: its networks do not fit the architecture of run1"):
+        cs.compare_runs([runs[0], cs.PretrainedRun("run9", other, 9)], 2, data, volume=False)

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from ssl3d.evaluate import main as evaluate
 from ssl3d.export import load_exported_encoder, load_state_dict_file
 from ssl3d.pretrain import main
 
@@ -74,6 +75,21 @@ def test_demo_pipeline_writes_the_whole_run_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Slice-level probes across subjects" in out and comparison["verdict"] in out
     assert "Tissue kNN probe" in out and str(run_dir) in out
+
+    # The same run through `scripts/evaluate.py cross-subject`: the checkpoint gives the same pretrained
+    # results, random seed 0 is its own initialisation again, and the volume probes are added.
+    evaluation = evaluate(
+        ["cross-subject", f"--runs={run_dir}", "--random_seeds=2", f"--out_dir={tmp_path / 'evaluation'}"]
+    )
+    again = {row["metric"]: row for row in evaluation["rows"]}
+    assert {m.split(" / ")[0] for m in again} == {"embedding", "backbone", "volume"}
+    for row in comparison["rows"]:
+        assert again[row["metric"]]["pretrained values"] == [pytest.approx(row["pretrained"])]
+        assert again[row["metric"]]["random values"] == pytest.approx(row["random values"][:2])
+        assert again[row["metric"]]["paired differences"] == [pytest.approx(row["paired difference"])]
+    for name in ("cross_subject.md", "cross_subject.json", "cross_subject.png"):
+        assert (tmp_path / "evaluation" / name).is_file(), name
+    assert evaluation["verdict"] in capsys.readouterr().out
 
 
 def test_misspelt_config_key_is_an_error(tmp_path, capsys):

@@ -31,9 +31,32 @@ def _seq_first(block: nn.Module) -> bool:
 
 
 def _run_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One block on sequence-first tokens ``(L, N, D)``, whichever layout the block runs in."""
     if _seq_first(block):
-        return block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
-    return block(x, attn_mask=attn_mask)  # keyword: a positional second argument would be taken as k_x
+        return block(x, attn_mask=attn_mask)
+    # keyword: a positional second argument would be taken as k_x
+    return block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+
+
+def run_towers_sequence_first(clip_model: nn.Module) -> bool:
+    """Switch both towers of an open_clip CLIP to the sequence-first layout (LND), as the original CLIP code runs.
+
+    In open_clip's batch-first layout ``nn.MultiheadAttention`` transposes its input, and with autograd on CPU the
+    input projection of that non-contiguous tensor runs as a batched matmul over a copied weight, a third of a
+    prompt-tuning step. Sequence-first blocks get contiguous tokens instead. open_clip's own ``encode_image`` /
+    ``encode_text`` give the same results in both layouts (its ``Transformer`` transposes when
+    ``batch_first`` is false). Returns False, changing nothing, when a block's attention is not a
+    ``nn.MultiheadAttention``.
+    """
+    towers = (clip_model.transformer, clip_model.visual.transformer)
+    blocks = [block for tower in towers for block in tower.resblocks]
+    if not all(isinstance(getattr(block, "attn", None), nn.MultiheadAttention) for block in blocks):
+        return False
+    for tower in towers:
+        tower.batch_first = False
+    for block in blocks:
+        block.attn.batch_first = False
+    return True
 
 
 def check_clip_model(clip_model: nn.Module) -> None:
@@ -67,7 +90,9 @@ class PromptedCLIP(nn.Module):
     ``text_prompts[i]`` / ``vision_prompts[i]`` hold the prompts of layer ``i``; ``text_prompts[0]`` are the context
     vectors after the start token, shape ``(n_ctx, width)`` or ``(classes, n_ctx, width)`` when
     ``class_specific``. ``depth`` sets both depths; ``text_depth`` / ``vision_depth`` override it (0 = no prompts on
-    that side). With ``text_depth == 0`` the class prompts are ``template.format(class)``.
+    that side). With ``text_depth == 0`` the class prompts are ``template.format(class)``. ``sequence_first``
+    switches the CLIP towers to the sequence-first layout (:func:`run_towers_sequence_first`; same results,
+    faster on CPU); false keeps open_clip's layout.
     """
 
     def __init__(
@@ -85,10 +110,12 @@ class PromptedCLIP(nn.Module):
         template: str | None = None,
         tokenizer=None,
         prompt_std: float = 0.02,
+        sequence_first: bool = True,
     ) -> None:
         super().__init__()
         check_clip_model(clip_model)
         self.clip = clip_model
+        self.sequence_first = sequence_first and run_towers_sequence_first(clip_model)
         for parameter in self.clip.parameters():
             parameter.requires_grad_(False)
         self.text_depth = depth if text_depth is None else text_depth
@@ -192,13 +219,13 @@ class PromptedCLIP(nn.Module):
             if ctx.ndim == 2:
                 ctx = ctx.unsqueeze(0).expand(num_classes, -1, -1)
             x = torch.cat([x[:, :1], ctx, x[:, 1 + n :]], dim=1)
-        x = x + clip.positional_embedding.to(dtype)
+        x = (x + clip.positional_embedding.to(dtype)).transpose(0, 1).contiguous()  # (L, C, D)
         for i, block in enumerate(clip.transformer.resblocks):
             if 1 <= i < self.text_depth:
-                deep = self.text_prompts[i].to(x.dtype).unsqueeze(0).expand(num_classes, -1, -1)
-                x = torch.cat([x[:, :1], deep, x[:, 1 + n :]], dim=1)
+                deep = self.text_prompts[i].to(x.dtype).unsqueeze(1).expand(-1, num_classes, -1)
+                x = torch.cat([x[:1], deep, x[1 + n :]], dim=0)
             x = _run_block(block, x, attn_mask=clip.attn_mask)
-        x = clip.ln_final(x)
+        x = clip.ln_final(x.transpose(0, 1))
         x = x[torch.arange(num_classes, device=x.device), self._eot_index()]
         projection = clip.text_projection
         if projection is not None:
@@ -217,13 +244,13 @@ class PromptedCLIP(nn.Module):
         batch, n = x.shape[0], self.vision_n_ctx
         if self.vision_depth > 0:  # no positional embedding on prompts; they do pass through ln_pre
             x = torch.cat([x, self.vision_prompts[0].to(x.dtype).unsqueeze(0).expand(batch, -1, -1)], dim=1)
-        x = visual.ln_pre(x)
+        x = visual.ln_pre(x).transpose(0, 1).contiguous()  # (L, B, D)
         for i, block in enumerate(visual.transformer.resblocks):
             if 1 <= i < self.vision_depth:
-                deep = self.vision_prompts[i].to(x.dtype).unsqueeze(0).expand(batch, -1, -1)
-                x = torch.cat([x[:, :-n], deep], dim=1)
+                deep = self.vision_prompts[i].to(x.dtype).unsqueeze(1).expand(-1, batch, -1)
+                x = torch.cat([x[:-n], deep], dim=0)
             x = _run_block(block, x)
-        pooled = visual.ln_post(x[:, 0])
+        pooled = visual.ln_post(x[0])
         if visual.proj is not None:
             pooled = pooled @ visual.proj
         return F.normalize(pooled, dim=-1) if normalize else pooled

@@ -1,19 +1,43 @@
+import copy
+
 import pytest
 import torch
 
 from prompts.model import PromptedCLIP, _seq_first, frozen_text_features
 from prompts.templates import PROMPTSRC_TEMPLATES
-from tests.prompts.tiny import NAMES
+from tests.prompts.tiny import NAMES, tiny_clip
 
 
 def _prompted(bundle, **kwargs):
     return PromptedCLIP(bundle.model, NAMES, tokenizer=bundle.tokenizer, **kwargs).eval()
 
 
-def test_block_layout_is_batch_first(tiny_bundle):
-    # the pinned open_clip runs blocks batch-first; the wrapper adapts to either layout
-    assert not _seq_first(tiny_bundle.model.transformer.resblocks[0])
-    assert not _seq_first(tiny_bundle.model.visual.transformer.resblocks[0])
+def test_sequence_first_towers_give_open_clips_results_and_gradients():
+    bundle = tiny_clip()  # not the shared bundle: prompting switches its towers' layout
+    assert not _seq_first(bundle.model.transformer.resblocks[0])  # the pinned open_clip builds batch-first
+    kept = PromptedCLIP(copy.deepcopy(bundle.model), NAMES, tokenizer=bundle.tokenizer, depth=3,
+                        sequence_first=False)  # fmt: skip
+    switched = PromptedCLIP(bundle.model, NAMES, tokenizer=bundle.tokenizer, depth=3)
+    assert not kept.sequence_first and not _seq_first(kept.clip.visual.transformer.resblocks[0])
+    assert switched.sequence_first
+    assert all(
+        _seq_first(b)
+        for t in (bundle.model.transformer, bundle.model.visual.transformer)
+        for b in t.resblocks
+    )
+    switched.load_state_dict(kept.state_dict())  # the same prompts
+    images = torch.randn(3, 3, 32, 32)
+    logits = {}
+    for name, model in (("kept", kept), ("switched", switched)):
+        logits[name] = model(images)
+        logits[name].logsumexp(-1).sum().backward()
+    torch.testing.assert_close(logits["switched"], logits["kept"], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(kept.prompt_parameters().items(), switched.prompt_parameters().values()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # open_clip's own encoders are unchanged by the switch
+        torch.testing.assert_close(switched.clip.encode_image(images), kept.clip.encode_image(images))
+        tokens = bundle.tokenizer(NAMES)
+        torch.testing.assert_close(switched.clip.encode_text(tokens), kept.clip.encode_text(tokens))
 
 
 def test_zero_depth_equals_plain_open_clip(tiny_bundle):
@@ -83,8 +107,8 @@ def test_text_prompt_of_layer_i_acts_from_layer_i_on(tiny_bundle, layer):
     for i in range(n):
         same = torch.equal(before[i], before[n + i])
         assert same == (i < layer)
-    # the causal mask keeps the start token independent of every prompt
-    torch.testing.assert_close(before[n - 1][:, 0], before[2 * n - 1][:, 0])
+    # the causal mask keeps the start token independent of every prompt (blocks run sequence-first)
+    torch.testing.assert_close(before[n - 1][0], before[2 * n - 1][0])
 
 
 def test_vision_prompts_have_no_positional_embedding_and_pass_ln_pre(tiny_bundle):

@@ -370,16 +370,14 @@ def make_batch(
     return batch
 
 
-def time_training_step(
+def training_step_fn(
     model_kwargs: dict[str, Any],
     batch: dict[str, dict[str, torch.Tensor]],
     device: torch.device,
-    warmup: int,
-    repeats: int,
     autocast_dtype: torch.dtype | None = None,
     gradient_clip: float | None = 2.0,
-) -> dict[str, Any]:
-    """Median seconds of forward + backward + LARS step of ``JointSSL(**model_kwargs)`` on ``batch``."""
+) -> Callable[[], None]:
+    """One forward + backward + LARS step of a fresh ``JointSSL(**model_kwargs)`` on ``batch`` per call."""
     from ssl3d.module import JointSSL
     from ssl3d.optim import build_optimizer
 
@@ -400,14 +398,17 @@ def time_training_step(
             torch.nn.utils.clip_grad_norm_(parameters, gradient_clip)
         optimizer.step()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = interleaved_times({"step": step}, repeats, warmup=warmup, sync=synchronizer(device))["step"]
+    return step
+
+
+def _step_result(
+    times: list[float], batch: dict[str, dict[str, torch.Tensor]], warmup: int
+) -> dict[str, Any]:
     seconds = median(times)
     volumes = batch["volumes"]["view1"].shape[0]
     slices = batch["volumes"]["view1"].shape[2]
     images_2d = batch["slices"]["view1"].shape[0] if "slices" in batch else 0
-    result = {
+    return {
         "seconds_per_step": seconds,
         "seconds_all": times,
         "volumes_per_second": volumes / seconds,
@@ -416,11 +417,70 @@ def time_training_step(
         "encoded_images_per_second": 2 * (volumes * slices + images_2d) / seconds,
         "peak_rss_mib_process": peak_rss_mib(),
         "warmup": warmup,
-        "repeats": repeats,
+        "repeats": len(times),
     }
+
+
+def time_training_step(
+    model_kwargs: dict[str, Any],
+    batch: dict[str, dict[str, torch.Tensor]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    autocast_dtype: torch.dtype | None = None,
+    gradient_clip: float | None = 2.0,
+) -> dict[str, Any]:
+    """Median seconds of forward + backward + LARS step of ``JointSSL(**model_kwargs)`` on ``batch``."""
+    step = training_step_fn(model_kwargs, batch, device, autocast_dtype, gradient_clip)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = interleaved_times({"step": step}, repeats, warmup=warmup, sync=synchronizer(device))["step"]
+    result = _step_result(times, batch, warmup)
     if device.type == "cuda":
         result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+# The paper configuration's step (ResNet-50, 4-layer slice Transformer, 64 slices of 128 x 128, one volume x 2
+# views, 2D branch off) in three variants timed round-robin in one process.
+PAPER_STEP = dict(
+    backbone="resnet50", d_model=640, num_layers=4, ffn_hidden=720, clustering="swav", lambda_intra=0.0
+)
+PAPER_STEP_QUICK = dict(backbone="resnet18", d_model=64, num_layers=1, ffn_hidden=128, clustering="swav")
+PAPER_VARIANTS = {
+    "fp32": ({}, None),
+    "fp32, channels_last": ({"channels_last": True}, None),
+    "bf16 autocast, channels_last": ({"channels_last": True}, torch.bfloat16),
+}
+# The official code's paper-config step on this project's reference CPU machine, measured at a different sitting
+# (perf-anchors.md: 9.81 s beside this project's 7.40 s in one sitting; 16.09 s at another).
+PAPER_ANCHOR_SECONDS_PER_STEP = 9.81
+
+
+def run_paper_steps(quick: bool, device: torch.device) -> dict[str, Any]:
+    """fp32, channels-last and bf16-autocast steps of the paper configuration, interleaved in one process."""
+    model, slices, size = (PAPER_STEP_QUICK, 8, (32, 32)) if quick else (PAPER_STEP, 64, (128, 128))
+    batch = make_batch(1, slices, size, 0, device)
+    steps = {
+        name: training_step_fn(model | {"num_slices": slices} | options, batch, device, dtype)
+        for name, (options, dtype) in PAPER_VARIANTS.items()
+    }
+    warmup, repeats = (1, 2) if quick else (1, 4)
+    times = interleaved_times(steps, repeats, warmup=warmup, sync=synchronizer(device))
+    check_finite_positive({name: median(t) for name, t in times.items()})
+    fp32 = median(times["fp32"])
+    results: dict[str, Any] = {
+        "config": model
+        | {"num_slices": slices, "size": list(size), "volumes": 1, "views": 2, "optimizer": "lars"}
+    }
+    for name in PAPER_VARIANTS:
+        result = _step_result(times[name], batch, warmup)
+        result["speedup_vs_fp32"] = fp32 / result["seconds_per_step"]
+        if not quick and device.type == "cpu":
+            result["anchor_seconds_per_step"] = PAPER_ANCHOR_SECONDS_PER_STEP
+            result["speedup_vs_anchor"] = PAPER_ANCHOR_SECONDS_PER_STEP / result["seconds_per_step"]
+        results[name] = result
+    return results
 
 
 def run_joint_steps(quick: bool, device: torch.device) -> dict[str, Any]:
@@ -556,6 +616,7 @@ def run_ssl3d(quick: bool, device: torch.device) -> dict[str, Any]:
         "environment": environment(device),
         "attention": run_attention(quick, device),
         "joint_step": run_joint_steps(quick, device),
+        "paper_step": run_paper_steps(quick, device),
     }
     result["environment"]["load_average_at_end"] = load_average()
     if device.type == "cuda":
@@ -622,6 +683,30 @@ def ssl3d_tables(result: dict[str, Any]) -> str:
             "",
             f"Anchor: the official code at {ANCHOR_SECONDS_PER_STEP} s/step (ResNet-18, 32 slices 64x64, 2 volumes x "
             "2 views, no 2D branch) on this machine, from a different sitting.",
+        ]
+    paper_step = result.get("paper_step")
+    if paper_step:
+        cfg = paper_step["config"]
+        variants = {name: r for name, r in paper_step.items() if name != "config"}
+        lines += [
+            "",
+            f"### Paper-config step ({cfg['backbone']}, d={cfg['d_model']}, L={cfg['num_layers']}, "
+            f"{cfg['num_slices']}x{cfg['size'][0]}x{cfg['size'][1]}, 1 volume x 2 views, 2D branch off), "
+            "variants interleaved",
+            "",
+            markdown_table(
+                ["variant", "s / step", "speed-up vs fp32", "official s / step", "official / ours"],
+                [
+                    [
+                        name,
+                        r["seconds_per_step"],
+                        r["speedup_vs_fp32"],
+                        r.get("anchor_seconds_per_step"),
+                        r.get("speedup_vs_anchor"),
+                    ]
+                    for name, r in variants.items()
+                ],
+            ),
         ]
     if "cuda" in result:
         paper, encoder = result["cuda"]["paper_step_bf16"], result["cuda"]["slice_encoder"]

@@ -48,7 +48,7 @@ def test_agreement_quick_writes_timings_and_ratios(benchmark, tmp_path):
     assert torch.get_num_threads() == threads  # --threads applies to the run only
 
 
-def test_ssl3d_quick_writes_attention_and_step_timings(benchmark, tmp_path):
+def test_ssl3d_quick_writes_attention_and_step_timings(benchmark, tmp_path, capsys):
     out = tmp_path / "nested" / "ssl3d.json"
     benchmark.main(["ssl3d", *QUICK, "--out", str(out)])
     data = json.loads(out.read_text())
@@ -75,6 +75,14 @@ def test_ssl3d_quick_writes_attention_and_step_timings(benchmark, tmp_path):
             assert positive_finite(step[key]), (name, key)
     assert steps["demo"]["config"]["images_2d"] > 0
     assert steps["official_encoder_no_2d_code_layout"]["config"]["images_2d"] == 0
+    paper = data["paper_step"]
+    assert set(paper) == {"config", "fp32", "fp32, channels_last", "bf16 autocast, channels_last"}
+    assert paper["fp32"]["speedup_vs_fp32"] == 1.0
+    for name in ("fp32, channels_last", "bf16 autocast, channels_last"):
+        assert positive_finite(paper[name]["seconds_per_step"]) and positive_finite(
+            paper[name]["speedup_vs_fp32"]
+        )
+    assert "Paper-config step" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")

@@ -48,17 +48,18 @@ GPU = {
 
 
 def _saved_bytes(module, images, labels) -> int:
-    """Bytes the autograd graph keeps for backward in one training step (activation memory)."""
-    total = 0
+    """Bytes of the distinct storages the autograd graph keeps for backward in one training step (activation
+    memory); a view or an expanded tensor counts once, as the memory it really holds."""
+    storages: dict[int, int] = {}
 
     def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module.compute_loss(images, labels)["loss"]
-    return total
+    return sum(storages.values())
 
 
 def _step(module, optimizer, images, labels) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from agreement.kmeans import inertia, kmeans
+from agreement.kmeans import kmeans
 from agreement.matching import BipartiteGraph, hungarian_match
 
 Vote = Literal["majority", "frequency"]
@@ -53,33 +53,6 @@ def random_weak_labels(weak_ids: Sequence[Sequence[int]], unknown_id: int, seed:
     )
 
 
-def greedy_kmeans_pp(x: torch.Tensor, k: int, seed: int = 0, sample: int = 20_000) -> torch.Tensor:
-    """Greedy k-means++ seeding (the scikit-learn variant: 2 + log k candidates per step, keep the one that
-    lowers the potential most) on a random subsample of at most ``sample`` points.
-
-    Written here because the plain D^2 seeding of ``agreement.kmeans`` samples one candidate per step, which
-    on skewed identity frequencies often merges two people into one cluster.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    if x.shape[0] > sample:
-        x = x[torch.randperm(x.shape[0], generator=generator)[:sample]]
-    trials = 2 + int(np.log(k))
-    sq = (x * x).sum(1)
-    first = int(torch.randint(x.shape[0], (1,), generator=generator))
-    centres = [first]
-    closest = (sq - 2 * x @ x[first] + sq[first]).clamp_min_(0)
-    for _ in range(1, k):
-        total = closest.sum()
-        probs = closest / total if total > 0 else torch.full_like(closest, 1.0 / len(closest))
-        candidates = torch.multinomial(probs, trials, replacement=True, generator=generator)
-        dist = (sq[None] - 2 * x[candidates] @ x.T + sq[candidates, None]).clamp_min_(0)
-        potentials = torch.minimum(closest[None], dist)
-        best = int(potentials.sum(1).argmin())
-        centres.append(int(candidates[best]))
-        closest = potentials[best]
-    return x[centres].clone()
-
-
 def cluster_faces(
     embeddings: np.ndarray,
     k: int,
@@ -91,9 +64,9 @@ def cluster_faces(
     sample_size: int | None = 65_536,
     full_iterations: int = 5,
 ) -> np.ndarray:
-    """k-means cluster id per face (``agreement.kmeans``, greedy k-means++ seeds); the best of ``restarts``
-    seeds by inertia. Euclidean k-means on L2-normalised embeddings, as the paper: spherical k-means (unit
-    centroids) lets the many small minor-character groups leak into the big cast clusters.
+    """k-means cluster id per face (``agreement.kmeans`` with scikit-learn's greedy k-means++ seeding); the best
+    of ``restarts`` starts by inertia. Euclidean k-means on L2-normalised embeddings, as the paper: spherical
+    k-means (unit centroids) lets the many small minor-character groups leak into the big cast clusters.
 
     ``tol`` is scikit-learn's convergence rule. Above ``sample_size`` faces the centroids are fitted (up to
     ``iterations``, to ``tol``) on a random subsample of that size, then polished by at most
@@ -104,29 +77,21 @@ def cluster_faces(
         torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1
     )
     k = min(k, points.shape[0])
-    best: tuple[float, torch.Tensor] | None = None
     sampled = sample_size is not None and sample_size < len(points)
-    for restart in range(max(1, restarts)):
-        init = greedy_kmeans_pp(points, k, seed + restart)
-        centroids, assignments = kmeans(
-            points,
-            k,
-            iterations=full_iterations if sampled else iterations,
-            spherical=False,
-            init=init,
-            seed=seed + restart,
-            backend=backend,
-            tol=tol,
-            sample_size=sample_size if sampled else None,
-            sample_iterations=iterations,
-        )
-        if restarts <= 1:
-            return assignments.numpy().astype(np.int64)
-        score = inertia(points, centroids, assignments)
-        if best is None or score < best[0]:
-            best = (score, assignments)
-    assert best is not None
-    return best[1].numpy().astype(np.int64)
+    _, assignments = kmeans(
+        points,
+        k,
+        iterations=full_iterations if sampled else iterations,
+        spherical=False,
+        init="greedy-k-means++",
+        seed=seed,
+        backend=backend,
+        tol=tol,
+        sample_size=sample_size if sampled else None,
+        sample_iterations=iterations,
+        n_init=max(1, restarts),
+    )
+    return assignments.numpy().astype(np.int64)
 
 
 def cluster_name_graph(clusters: np.ndarray, weak: BipartiteGraph, num_clusters: int) -> BipartiteGraph:

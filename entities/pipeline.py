@@ -13,6 +13,7 @@ from entities.metrics import evaluate, evaluate_expected
 from entities.names import UNKNOWN, Gazetteer, report_out_of_cast
 from entities.records import FaceRecords, RecordsError, stack_embeddings
 from entities.stages import (
+    RefineRule,
     Vote,
     agree_on_names,
     cluster_faces,
@@ -75,6 +76,10 @@ class DiscoveryResult:
         }
 
 
+# Chosen with the other defaults on the tuning half of ``entities.evaluation`` (see the README).
+FREQUENCY_POWER = 0.5
+
+
 def names_to_ids(names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     """Class id of each name; names that are not classes map to Unknown."""
     index = {name: i for i, name in enumerate(classes)}
@@ -95,15 +100,16 @@ def discover(
     *,
     k: int | None = None,
     clusters_per_entity: int = 4,
-    vote: Vote = "majority",
-    frequency_power: float = 1.0,
-    one_name_per_face_per_frame: bool = False,
+    vote: Vote = "frequency",
+    frequency_power: float = FREQUENCY_POWER,
+    one_name_per_face_per_frame: bool = True,
     refine_target: Literal["most_frequent", "all"] = "most_frequent",
     refine_iterations: int = 10,
+    refine_rule: RefineRule = "weak_agreement",
     distance: Literal["euclidean", "cosine"] = "euclidean",
     normalize: bool = True,
     kmeans_iterations: int = 50,
-    kmeans_restarts: int = 1,
+    kmeans_restarts: int = 10,
     kmeans_tol: float = 1e-4,
     kmeans_sample_size: int | None = 65_536,
     kmeans_full_iterations: int = 5,
@@ -121,7 +127,9 @@ def discover(
         vote: ``"majority"`` (official) or ``"frequency"`` (votes divided by name frequency ** ``frequency_power``).
         one_name_per_face_per_frame: Hungarian matching so that a cast name labels at most one face per frame.
         refine_target: which faces stage 3 may move (see ``refine_with_prototypes``).
-        refine_iterations: maximum stage-3 passes (1 = the official single pass).
+        refine_iterations: maximum stage-3 passes (1 with ``refine_rule="until_stable"`` = the official pass).
+        refine_rule: ``"weak_agreement"`` keeps a pass only while it raises the mutual information between the
+            labels and the weak names; ``"until_stable"`` makes passes until no label changes.
         normalize: L2-normalise embeddings first (the paper's FaceNet embeddings are unit vectors).
         kmeans_iterations, kmeans_restarts, kmeans_tol, kmeans_sample_size, kmeans_full_iterations: k-means
             settings (see ``entities.stages.cluster_faces``); the last two only matter above that many faces.
@@ -190,7 +198,7 @@ def discover(
 
     # Stage 3: prototypes of the agreed entities pull faces of the target entities to their nearest one.
     stage3, passes = refine_with_prototypes(
-        x, stage2, len(classes), refine_target, refine_iterations, distance
+        x, stage2, len(classes), refine_target, refine_iterations, distance, refine_rule, weak
     )
     return DiscoveryResult(
         classes=list(classes),

@@ -252,17 +252,22 @@ def tuning_candidates() -> list[dict[str, Any]]:
     return candidates
 
 
-def tune(candidates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def tune(
+    candidates: list[dict[str, Any]] | None = None,
+    regimes: list[str] | None = None,
+    seeds: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """Score every candidate on the tuning half and pick the one whose worst regime gains most over the official
     algorithm (smallest of the stage-2/3 accuracy and mean per-class gains, to 0.001), then the largest mean
     stage-3 mean per-class gain. The held-out half is never read."""
     rows = []
     for options in candidates or tuning_candidates():
-        margins = worst_margins(run_family("tuning", options)["summary"])
+        margins = worst_margins(run_family("tuning", options, regimes, seeds)["summary"])
         worst = min(value for name, value in margins.items() if name.endswith("worst"))
         rows.append({"options": options, "worst": worst, **margins})
     best = max(rows, key=lambda row: (round(row["worst"], 3), row["stage 3 mean_per_class_accuracy mean"]))
-    return {"split": "tuning", "seeds": list(SPLITS["tuning"]), "candidates": rows, "chosen": best["options"]}
+    seeds = SPLITS["tuning"] if seeds is None else seeds
+    return {"split": "tuning", "seeds": list(seeds), "candidates": rows, "chosen": best["options"]}
 
 
 def run_entities_evaluation(
@@ -273,8 +278,10 @@ def run_entities_evaluation(
     regimes = list(REGIMES)[:2] if quick else None
     seeds = SPLITS[split][:1] if quick else None
     if tune_defaults:
+        if split != "tuning":
+            raise ValueError("--tune runs on the tuning half only: add --split tuning")
         candidates = tuning_candidates()[:2] if quick else None
-        result = tune(candidates)
+        result = tune(candidates, regimes, SPLITS["tuning"][:1] if quick else None)
         rows = [
             {
                 "options": ", ".join(f"{k}={v}" for k, v in row["options"].items()),

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from agreement.matching import BipartiteGraph
 from entities.metrics import evaluate, evaluate_expected
 from entities.names import UNKNOWN, Gazetteer, report_out_of_cast
 from entities.records import FaceRecords, RecordsError, stack_embeddings
@@ -40,6 +41,7 @@ class DiscoveryResult:
     stage3: np.ndarray
     refine_passes: int
     hungarian_changes: int
+    k: int
 
     @property
     def unknown_id(self) -> int:
@@ -76,10 +78,6 @@ class DiscoveryResult:
         }
 
 
-# Chosen with the other defaults on the tuning half of ``entities.evaluation`` (see the README).
-FREQUENCY_POWER = 0.5
-
-
 def names_to_ids(names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     """Class id of each name; names that are not classes map to Unknown."""
     index = {name: i for i, name in enumerate(classes)}
@@ -87,9 +85,15 @@ def names_to_ids(names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     return np.asarray([index.get(str(name), unknown) for name in names], dtype=np.int64)
 
 
-def default_k(num_classes: int, clusters_per_entity: int, num_faces: int) -> int:
+def default_k(num_classes: int, clusters_per_entity: int) -> int:
     """Over-cluster: ``clusters_per_entity`` clusters per class (the paper's k=30 is ~4 per class for 7 classes)."""
-    return max(1, min(num_faces, clusters_per_entity * num_classes))
+    return max(1, clusters_per_entity * num_classes)
+
+
+def unnamed_cast(weak: BipartiteGraph, classes: Sequence[str], unknown_id: int) -> list[str]:
+    """Cast members that no weak name refers to: no cluster can vote for them."""
+    mentions = weak.column_sums()
+    return [name for c, name in enumerate(classes) if c != unknown_id and mentions[c] == 0]
 
 
 def discover(
@@ -101,7 +105,7 @@ def discover(
     k: int | None = None,
     clusters_per_entity: int = 4,
     vote: Vote = "frequency",
-    frequency_power: float = FREQUENCY_POWER,
+    frequency_power: float = 0.75,
     one_name_per_face_per_frame: bool = True,
     refine_target: Literal["most_frequent", "all"] = "most_frequent",
     refine_iterations: int = 10,
@@ -117,6 +121,12 @@ def discover(
     seed: int = 0,
 ) -> DiscoveryResult:
     """Name every face from its embedding, the weak names of its frame's caption, and the other faces.
+
+    The defaults (those of ``configs/entities/default.yaml``) were chosen on the tuning half of the evaluation
+    family (``entities.evaluation``): a name-frequency-corrected vote, one cast name per face per frame, and
+    stage-3 passes kept only while they raise the agreement with the weak names. ``vote="majority",
+    one_name_per_face_per_frame=False, refine_iterations=1, refine_rule="until_stable", k=30`` is the official
+    algorithm.
 
     Args:
         embeddings: (faces, dim) face embeddings.
@@ -170,11 +180,20 @@ def discover(
         warnings.warn("no face has a weak name: every stage predicts Unknown", stacklevel=2)
 
     # Stage 2: over-cluster, then each cluster agrees on one name.
-    k = default_k(len(classes), clusters_per_entity, n) if k is None else k
+    silent = unnamed_cast(weak, classes, unknown)
+    if silent and weak.row_sums().sum() > 0:
+        warnings.warn(
+            f"cast members never named in the captions: {', '.join(silent)}; no face can be named after "
+            "them (check the spelling, or give aliases)"
+            + ("; k counts only the named classes" if k is None else ""),
+            stacklevel=2,
+        )
+    if k is None:
+        k = default_k(len(classes) - len(silent), clusters_per_entity)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if k > n:
-        warnings.warn(f"k={k} is larger than the number of faces ({n}); using k={n}", stacklevel=2)
+        warnings.warn(f"only {n} faces for k={k} clusters; using k={n} (one cluster per face)", stacklevel=2)
         k = n
     clusters = cluster_faces(
         x,
@@ -210,6 +229,7 @@ def discover(
         stage3=stage3,
         refine_passes=passes,
         hungarian_changes=changes,
+        k=k,
     )
 
 

@@ -90,7 +90,7 @@ def video_fps(frames: int = 20, sample_fps: float = 2.0) -> dict[str, float]:
 def run_entities_benchmark(quick: bool = False) -> dict[str, Any]:
     """Time and accuracy of stages 2+3 (ours with its defaults vs official) and the video path's fps; JSON-able
     with ``rows``."""
-    n, seed = (30_000 if quick else 300_000), 0
+    n, seed = (10_000 if quick else 300_000), 0
     records, cast = scale_episode(n, seed=seed)
     gazetteer = Gazetteer(cast)
     classes = gazetteer.classes

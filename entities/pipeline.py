@@ -133,7 +133,8 @@ def discover(
         weak_names: per face, the name tokens of the caption(s) aligned with its frame (may be empty).
         frames: per face, the key of its frame or caption window (faces of one frame share a bipartite graph).
         cast: the main people (a list of names or a ``Gazetteer``); other names become "Unknown".
-        k: number of k-means clusters; default ``clusters_per_entity * (len(cast) + 1)``.
+        k: number of k-means clusters; default ``clusters_per_entity * (named cast + 1)``, counting only the
+            cast members that some weak name refers to (the others get a warning); at most one per face.
         vote: ``"majority"`` (official) or ``"frequency"`` (votes divided by name frequency ** ``frequency_power``).
         one_name_per_face_per_frame: Hungarian matching so that a cast name labels at most one face per frame.
         refine_target: which faces stage 3 may move (see ``refine_with_prototypes``).
@@ -142,7 +143,8 @@ def discover(
             labels and the weak names; ``"until_stable"`` makes passes until no label changes.
         normalize: L2-normalise embeddings first (the paper's FaceNet embeddings are unit vectors).
         kmeans_iterations, kmeans_restarts, kmeans_tol, kmeans_sample_size, kmeans_full_iterations: k-means
-            settings (see ``entities.stages.cluster_faces``); the last two only matter above that many faces.
+            settings (see ``entities.stages.cluster_faces``; ``kmeans_restarts`` starts, the best kept by
+            inertia); the last two only matter above that many faces.
         seed: seeds k-means and the random stage-1 draw.
 
     Returns:

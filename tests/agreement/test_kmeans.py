@@ -273,3 +273,19 @@ def test_n_init_defaults_to_one_start_and_rejects_fixed_centroids():
         kmeans(x, 5, n_init=0)
     with pytest.raises(ValueError, match="n_init=2 starts need a seeding rule"):
         kmeans(x, 2, init=x[:2], n_init=2)
+
+
+def _restarted_kmeans_on_shard(rank, world_size, x):
+    return kmeans(
+        x.chunk(world_size)[rank], 6, iterations=8, spherical=False, init="greedy-k-means++", n_init=3
+    )
+
+
+@pytest.mark.distributed
+def test_greedy_starts_on_two_processes_equal_one():
+    x, _ = blobs(n=600, dim=8)
+    expected = kmeans(x, 6, iterations=8, spherical=False, init="greedy-k-means++", n_init=3)
+    results = run_distributed(_restarted_kmeans_on_shard, 2, x)
+    for centroids, _ in results:
+        torch.testing.assert_close(centroids, expected[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat([a for _, a in results]), expected[1])

@@ -12,6 +12,7 @@ Two backends return the same ``(centroids, assignments)``:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -20,7 +21,7 @@ from agreement import dist
 from agreement._optional import optional_import
 
 Backend = Literal["torch", "faiss"]
-Init = Literal["k-means++", "random"]
+Init = Literal["k-means++", "greedy-k-means++", "random"]
 
 
 def _validate(x: torch.Tensor, k: int, iterations: int) -> int:
@@ -107,6 +108,41 @@ def _squared_distance_to(x: torch.Tensor, centroids: torch.Tensor, chunk_size: i
     return _nearest(x, centroids, spherical=False, chunk_size=chunk_size)[1]
 
 
+def _greedy_kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """scikit-learn's greedy k-means++ seeding on one process: at each step, ``2 + log k`` candidates are drawn by
+    D^2 sampling and the one that lowers the potential (the summed squared distances) most is kept.
+
+    Plain D^2 sampling draws one candidate per step; on skewed cluster sizes it often seeds two centroids in one
+    large group and none in a small one, which Lloyd iterations rarely undo.
+    """
+    n = x.shape[0]
+    trials = 2 + int(math.log(k))
+    point_sq = (x * x).sum(1)
+
+    def squared_distances(index: torch.Tensor) -> torch.Tensor:
+        # (len(index), n) in float64: the potentials sum n terms and pick the smallest.
+        chosen = x[index]
+        return (point_sq[index, None] - 2 * chosen @ x.T + point_sq[None]).clamp_min_(0).double()
+
+    first = torch.randint(n, (1,), generator=generator).to(x.device)
+    centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centroids[0] = x[first[0]]
+    closest = squared_distances(first)[0]
+    for i in range(1, k):
+        cumulative = torch.cumsum(closest, 0)
+        total = cumulative[-1]
+        if total > 0:
+            draws = torch.rand(trials, generator=generator, dtype=torch.float64).to(x.device) * total
+            candidates = torch.searchsorted(cumulative, draws).clamp_(max=n - 1)
+        else:  # fewer distinct points than k: every distance is 0
+            candidates = torch.randint(n, (trials,), generator=generator).to(x.device)
+        potentials = torch.minimum(closest[None], squared_distances(candidates))
+        best = int(potentials.sum(1).argmin())
+        centroids[i] = x[candidates[best]]
+        closest = potentials[best]
+    return centroids
+
+
 def _initial_centroids(
     x: torch.Tensor, k: int, init: Init, seed: int, spherical: bool, chunk_size: int
 ) -> torch.Tensor:
@@ -121,8 +157,12 @@ def _initial_centroids(
             ].clone()
         elif init == "k-means++":
             centroids = _kmeans_plus_plus(gathered, k, generator, chunk_size)
+        elif init == "greedy-k-means++":
+            centroids = _greedy_kmeans_plus_plus(gathered, k, generator)
         else:
-            raise ValueError(f"kmeans: init must be 'k-means++', 'random' or a tensor, got {init!r}")
+            raise ValueError(
+                f"kmeans: init must be 'k-means++', 'greedy-k-means++', 'random' or a tensor, got {init!r}"
+            )
     dist.broadcast(centroids, src=0)
     if spherical:
         centroids = torch.nn.functional.normalize(centroids, dim=1)
@@ -250,6 +290,7 @@ def kmeans(
     tol: float = 0.0,
     sample_size: int | None = None,
     sample_iterations: int | None = None,
+    n_init: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of ``x`` into ``k`` groups.
 
@@ -258,7 +299,9 @@ def kmeans(
         k: number of clusters.
         iterations: Lloyd iterations over all points (10 in DeepCluster-V2).
         spherical: cosine k-means: points and centroids are L2-normalised, as DeepCluster-V2 does.
-        init: ``"k-means++"``, ``"random"`` (k distinct random points) or a (k, dim) tensor of initial centroids.
+        init: ``"k-means++"`` (one D^2-sampled candidate per centroid), ``"greedy-k-means++"`` (scikit-learn's
+            seeding: the best of ``2 + log k`` candidates per centroid), ``"random"`` (k distinct random points) or
+            a (k, dim) tensor of initial centroids.
         seed: seeds the initialisation; the result is deterministic for a given seed.
         backend: ``"torch"`` or ``"faiss"``.
         chunk_size: points per block in the assignment step (bounds memory at ``chunk_size * k`` floats).
@@ -269,6 +312,9 @@ def kmeans(
             ``iterations`` Lloyd iterations on all points from those centroids. ``None`` uses all points.
         sample_iterations: Lloyd iterations on the subsample (default ``iterations``); cheap, so they can run
             to ``tol`` while a few full passes polish the result.
+        n_init: starts (seeded with ``seed``, ``seed + 1``, ...); the one with the lowest inertia is kept, as
+            scikit-learn's ``n_init``. With ``sample_size``, every start is fitted on the same subsample, compared
+            there, and only the best is refined on all points.
 
     Returns:
         centroids (k, dim) float32 and this rank's assignments (n,) int64.
@@ -284,24 +330,37 @@ def kmeans(
         raise ValueError(f"kmeans: sample_size={sample_size} must be at least k={k}")
     if sample_iterations is not None and sample_iterations < 0:
         raise ValueError(f"kmeans: sample_iterations must be non-negative, got {sample_iterations}")
+    if n_init < 1:
+        raise ValueError(f"kmeans: n_init must be at least 1, got {n_init}")
     points = _prepare(x, spherical)
     if isinstance(init, torch.Tensor):
         if init.shape != (k, x.shape[1]):
             raise ValueError(
                 f"kmeans: initial centroids must have shape {(k, x.shape[1])}, got {tuple(init.shape)}"
             )
+        if n_init > 1:
+            raise ValueError(
+                f"kmeans: n_init={n_init} starts need a seeding rule, not fixed initial centroids"
+            )
         centroids = _prepare(init.to(points.device), spherical)
-    if sample_size is not None and sample_size < total:
-        sample = _subsample(points, sample_size, seed)
+    sampled = sample_size is not None and sample_size < total
+    fit_points = _subsample(points, sample_size, seed) if sampled else points
+    fit_iterations = iterations if sample_iterations is None or not sampled else sample_iterations
+    best: tuple[float, tuple[torch.Tensor, torch.Tensor]] | None = None
+    for start in range(n_init):
+        start_seed = seed + start
         if not isinstance(init, torch.Tensor):
-            centroids = _initial_centroids(sample, k, init, seed, spherical, chunk_size)
-        fit_iterations = iterations if sample_iterations is None else sample_iterations
-        centroids = _run_backend(
-            sample, centroids, fit_iterations, spherical, seed, chunk_size, tol, backend
-        )[0]
-    elif not isinstance(init, torch.Tensor):
-        centroids = _initial_centroids(points, k, init, seed, spherical, chunk_size)
-    return _run_backend(points, centroids, iterations, spherical, seed, chunk_size, tol, backend)
+            centroids = _initial_centroids(fit_points, k, init, start_seed, spherical, chunk_size)
+        fitted = _run_backend(
+            fit_points, centroids, fit_iterations, spherical, start_seed, chunk_size, tol, backend
+        )
+        score = inertia(fit_points, *fitted) if n_init > 1 else 0.0
+        if best is None or score < best[0]:
+            best = (score, fitted)
+    assert best is not None
+    if not sampled:
+        return best[1]
+    return _run_backend(points, best[1][0], iterations, spherical, seed, chunk_size, tol, backend)
 
 
 def _run_backend(

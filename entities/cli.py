@@ -40,14 +40,15 @@ class DiscoveryOptions:
 
     k: int | None = None
     clusters_per_entity: int = 4
-    vote: Literal["majority", "frequency"] = "majority"
-    frequency_power: float = 1.0
-    one_name_per_face_per_frame: bool = False
+    vote: Literal["majority", "frequency"] = "frequency"
+    frequency_power: float = 0.75
+    one_name_per_face_per_frame: bool = True
     refine_target: Literal["most_frequent", "all"] = "most_frequent"
     refine_iterations: int = 10
+    refine_rule: Literal["until_stable", "weak_agreement"] = "weak_agreement"
     distance: Literal["euclidean", "cosine"] = "euclidean"
     kmeans_iterations: int = 50
-    kmeans_restarts: int = 1
+    kmeans_restarts: int = 10
     kmeans_tol: float = 1e-4
     kmeans_sample_size: int | None = 65_536
     kmeans_full_iterations: int = 5
@@ -80,6 +81,15 @@ def infer_cast(weak_names: list[list[str]], num_cast: int) -> list[str]:
     if not counts:
         raise RecordsError("no weak names to build a cast from; give the cast with --names.cast")
     return [name for name, _ in counts.most_common(num_cast)]
+
+
+def check_cast(cast: list[str] | None) -> None:
+    """An explicit cast list must name somebody; ``None`` (not given) means the most frequent weak names."""
+    if cast is not None and not any(str(name).strip() for name in cast):
+        raise ValueError(
+            "--names.cast is empty: give the main people (--names.cast '[Ross, Rachel]'), or leave the option "
+            "out to use the most frequent weak names"
+        )
 
 
 def label_only_metrics(records: FaceRecords, gazetteer: Gazetteer) -> dict[str, dict[str, Any]]:
@@ -125,6 +135,7 @@ def run(
         run_dir: output folder (default ``runs/entities/<timestamp>``).
         seed: seeds k-means, the stage-1 draw and the linear heads.
     """
+    check_cast(names.cast)
     if records and video:
         raise ValueError("give either --records or --video, not both")
     if video and not subtitles:
@@ -145,7 +156,7 @@ def run(
     else:
         data, cast = make_episode(episode)
         source = "synthetic episode"
-    if not cast:
+    if cast is None:
         cast = infer_cast(data.weak_names, names.num_cast)
     gazetteer = Gazetteer(cast, names.aliases, names.min_similarity, names.exact)
     summary: dict[str, Any] = {
@@ -230,6 +241,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     config = parser.parse_args(args)
     init = parser.instantiate_classes(config)
     kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__default_config__")}
+    check_cast(kwargs["names"].cast)  # before the run folder is written
     out = (
         Path(kwargs["run_dir"])
         if kwargs.get("run_dir")

@@ -6,7 +6,8 @@
    the weak labels of its members (cluster-by-name co-occurrence graph), optionally with one cast name per face
    per frame by Hungarian matching (``one_name_per_frame``).
 3. ``refine_with_prototypes``: one prototype per agreed entity; faces of the target entities move to the
-   nearest prototype, and prototypes are recomputed until no label changes.
+   nearest prototype, and prototypes are recomputed until no label changes, or (``weak_agreement``) for as
+   long as each pass raises the agreement between the labels and the weak names.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from agreement.kmeans import inertia, kmeans
+from agreement.kmeans import kmeans
 from agreement.matching import BipartiteGraph, hungarian_match
 
 Vote = Literal["majority", "frequency"]
@@ -53,33 +54,6 @@ def random_weak_labels(weak_ids: Sequence[Sequence[int]], unknown_id: int, seed:
     )
 
 
-def greedy_kmeans_pp(x: torch.Tensor, k: int, seed: int = 0, sample: int = 20_000) -> torch.Tensor:
-    """Greedy k-means++ seeding (the scikit-learn variant: 2 + log k candidates per step, keep the one that
-    lowers the potential most) on a random subsample of at most ``sample`` points.
-
-    Written here because the plain D^2 seeding of ``agreement.kmeans`` samples one candidate per step, which
-    on skewed identity frequencies often merges two people into one cluster.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    if x.shape[0] > sample:
-        x = x[torch.randperm(x.shape[0], generator=generator)[:sample]]
-    trials = 2 + int(np.log(k))
-    sq = (x * x).sum(1)
-    first = int(torch.randint(x.shape[0], (1,), generator=generator))
-    centres = [first]
-    closest = (sq - 2 * x @ x[first] + sq[first]).clamp_min_(0)
-    for _ in range(1, k):
-        total = closest.sum()
-        probs = closest / total if total > 0 else torch.full_like(closest, 1.0 / len(closest))
-        candidates = torch.multinomial(probs, trials, replacement=True, generator=generator)
-        dist = (sq[None] - 2 * x[candidates] @ x.T + sq[candidates, None]).clamp_min_(0)
-        potentials = torch.minimum(closest[None], dist)
-        best = int(potentials.sum(1).argmin())
-        centres.append(int(candidates[best]))
-        closest = potentials[best]
-    return x[centres].clone()
-
-
 def cluster_faces(
     embeddings: np.ndarray,
     k: int,
@@ -91,9 +65,9 @@ def cluster_faces(
     sample_size: int | None = 65_536,
     full_iterations: int = 5,
 ) -> np.ndarray:
-    """k-means cluster id per face (``agreement.kmeans``, greedy k-means++ seeds); the best of ``restarts``
-    seeds by inertia. Euclidean k-means on L2-normalised embeddings, as the paper: spherical k-means (unit
-    centroids) lets the many small minor-character groups leak into the big cast clusters.
+    """k-means cluster id per face (``agreement.kmeans`` with scikit-learn's greedy k-means++ seeding); the best
+    of ``restarts`` starts by inertia. Euclidean k-means on L2-normalised embeddings, as the paper: spherical
+    k-means (unit centroids) lets the many small minor-character groups leak into the big cast clusters.
 
     ``tol`` is scikit-learn's convergence rule. Above ``sample_size`` faces the centroids are fitted (up to
     ``iterations``, to ``tol``) on a random subsample of that size, then polished by at most
@@ -104,29 +78,21 @@ def cluster_faces(
         torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1
     )
     k = min(k, points.shape[0])
-    best: tuple[float, torch.Tensor] | None = None
     sampled = sample_size is not None and sample_size < len(points)
-    for restart in range(max(1, restarts)):
-        init = greedy_kmeans_pp(points, k, seed + restart)
-        centroids, assignments = kmeans(
-            points,
-            k,
-            iterations=full_iterations if sampled else iterations,
-            spherical=False,
-            init=init,
-            seed=seed + restart,
-            backend=backend,
-            tol=tol,
-            sample_size=sample_size if sampled else None,
-            sample_iterations=iterations,
-        )
-        if restarts <= 1:
-            return assignments.numpy().astype(np.int64)
-        score = inertia(points, centroids, assignments)
-        if best is None or score < best[0]:
-            best = (score, assignments)
-    assert best is not None
-    return best[1].numpy().astype(np.int64)
+    _, assignments = kmeans(
+        points,
+        k,
+        iterations=full_iterations if sampled else iterations,
+        spherical=False,
+        init="greedy-k-means++",
+        seed=seed,
+        backend=backend,
+        tol=tol,
+        sample_size=sample_size if sampled else None,
+        sample_iterations=iterations,
+        n_init=max(1, restarts),
+    )
+    return assignments.numpy().astype(np.int64)
 
 
 def cluster_name_graph(clusters: np.ndarray, weak: BipartiteGraph, num_clusters: int) -> BipartiteGraph:
@@ -215,6 +181,31 @@ def _prototypes(
     return prototypes, present
 
 
+def weak_name_agreement(labels: np.ndarray, weak: BipartiteGraph, num_classes: int) -> float:
+    """Mutual information (nats) between the faces' labels and their weak names.
+
+    Each face contributes its weak-name counts to the row of its label; the result is the mutual information of
+    that label-by-name table, normalised to a joint distribution. It grows when labels separate the names that
+    are said around them, and falls when faces of different people are pooled under one label (a raw count of
+    matching names would instead reward moving every face to the most talked-about name).
+    """
+    membership = sp.csr_matrix(
+        (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(num_classes, len(labels))
+    )
+    weights = weak.weights if weak.is_sparse else sp.csr_matrix(weak.weights)
+    table = np.asarray((membership @ weights).todense(), dtype=np.float64)
+    total = table.sum()
+    if total == 0:
+        return 0.0
+    joint = table / total
+    expected = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
+    present = joint > 0
+    return float((joint[present] * np.log(joint[present] / expected[present])).sum())
+
+
+RefineRule = Literal["until_stable", "weak_agreement"]
+
+
 def refine_with_prototypes(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -222,16 +213,27 @@ def refine_with_prototypes(
     target: Literal["most_frequent", "all"] | Sequence[int] = "most_frequent",
     max_iterations: int = 10,
     distance: Literal["euclidean", "cosine"] = "euclidean",
+    rule: RefineRule = "until_stable",
+    weak: BipartiteGraph | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Stage 3: move faces to the nearest entity prototype, recomputing prototypes until labels are stable.
+    """Stage 3: move faces to the nearest entity prototype, recomputing prototypes between passes.
 
     Prototypes are the mean embeddings of the faces of each agreed entity (entities without faces have none).
     ``target`` picks the faces that may move: those whose agreed entity is the most frequent one (the general
     form of the official rule, which hard-codes one entity and makes a single pass, i.e. ``max_iterations=1``),
-    all faces, or the faces of the given class ids. Returns the labels and the number of passes made.
+    all faces, or the faces of the given class ids.
+
+    ``rule`` decides when to stop: ``"until_stable"`` makes passes until no label changes (at most
+    ``max_iterations``); ``"weak_agreement"`` keeps a pass only if it raises ``weak_name_agreement`` with the
+    ``weak`` graph and stops at the first pass that does not, so refinement never lowers it below stage 2's.
+    Returns the labels and the number of passes kept.
     """
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0, got {max_iterations}")
+    if rule not in ("until_stable", "weak_agreement"):
+        raise ValueError(f"rule must be 'until_stable' or 'weak_agreement', got {rule!r}")
+    if rule == "weak_agreement" and weak is None:
+        raise ValueError("the 'weak_agreement' rule needs the weak-name graph")
     labels = np.asarray(labels, dtype=np.int64).copy()
     x = np.asarray(embeddings)
     x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
@@ -250,9 +252,9 @@ def refine_with_prototypes(
         movable = np.isin(labels, np.asarray(list(target), dtype=np.int64))
     index = np.flatnonzero(movable)
     moving = x[index]
+    score = weak_name_agreement(labels, weak, num_classes) if rule == "weak_agreement" else 0.0
     passes = 0
-    while passes < max_iterations:
-        passes += 1
+    for _ in range(max_iterations):
         prototypes, present = _prototypes(x, labels, num_classes)
         if distance == "cosine":
             prototypes = prototypes / np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
@@ -264,5 +266,13 @@ def refine_with_prototypes(
         new = dist.argmin(axis=1)
         if np.array_equal(new, labels[index]):
             break
+        if rule == "weak_agreement":
+            candidate = labels.copy()
+            candidate[index] = new
+            candidate_score = weak_name_agreement(candidate, weak, num_classes)
+            if candidate_score <= score:
+                break
+            score = candidate_score
         labels[index] = new
+        passes += 1
     return labels, passes

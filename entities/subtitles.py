@@ -59,14 +59,35 @@ def split_speaker(text: str) -> tuple[str | None, str]:
 
 
 def _read_text(path: Path) -> str:
+    """The file as UTF-8; lines that are not valid UTF-8 are decoded as Latin-1, with a warning naming them.
+
+    Decoding line by line keeps one stray byte from turning every "é" of a UTF-8 file into "Ã©" (and every
+    accented name into an unknown one); a whole Latin-1 file (as TVQA's) still reads as before.
+    """
     if not path.is_file():
         raise SubtitleError(f"{path}: subtitle file not found")
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        # TVQA subtitles are Latin-1; every byte string decodes in it.
-        return raw.decode("iso-8859-1")
+        pass
+    lines = raw.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    decoded, fallback = [], []
+    for number, line in enumerate(lines, start=1):
+        try:
+            decoded.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            decoded.append(line.decode("iso-8859-1"))  # every byte string decodes in Latin-1
+            fallback.append(number)
+    shown = ", ".join(map(str, fallback[:10])) + (
+        f" and {len(fallback) - 10} more" if len(fallback) > 10 else ""
+    )
+    warnings.warn(
+        f"{path}: {len(fallback)} line(s) are not valid UTF-8 and were read as Latin-1 (line {shown}); "
+        "check the names on them or convert the file to UTF-8",
+        stacklevel=3,
+    )
+    return "\n".join(decoded)
 
 
 def parse_subtitles(path: str | Path) -> list[CaptionLine]:

@@ -4,8 +4,9 @@ No captioned video with named faces installs from a package registry, so the def
 level of face records. The generator reproduces what makes the task hard in SC-Friends: skewed identity
 frequencies, many minor people who count as "Unknown" (about a third of the faces), captions without names
 (about 45%), speakers who are off screen (about 30%), names mentioned while that person is absent, cast members
-who are rarely named while visible, several faces per frame, NER noise (name fragments, duplicates), and
-identities with several appearance modes (lighting, pose, make-up) so that k-means over-segments them.
+who are rarely named while visible, several faces per frame, NER noise (name fragments, duplicates, unrelated
+names), minor people who look like cast members, and identities with several appearance modes (lighting, pose,
+make-up) so that k-means over-segments them. ``entities.evaluation`` draws a family of such episodes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ DEFAULT_CAST = ("Avery", "Blake", "Corin", "Dale", "Ellis", "Finley")
 
 @dataclass
 class EpisodeConfig:
-    """Knobs of the synthetic episode; the defaults give SC-Friends-like statistics (~3,000 faces)."""
+    """Knobs of the synthetic episode; the defaults give SC-Friends-like statistics (~3,000 faces).
+
+    ``quiet_cast`` members are named ``quiet_factor`` times as often while on screen; ``quiet_lead`` makes the
+    most frequent person one of them. ``mention_noise`` is the chance that a caption also names somebody
+    unrelated to the scene (anyone, cast or minor). ``lookalikes`` minor people look like a cast member (their
+    centre lies ``lookalike_distance`` from it). A scene shows ``people_per_scene`` (inclusive range) people and
+    a frame a geometric(``face_count_p``) number of them (mean ``1 / face_count_p``).
+    """
 
     cast: tuple[str, ...] = DEFAULT_CAST
     num_minor: int = 40
@@ -39,7 +47,13 @@ class EpisodeConfig:
     off_screen_mentions: float = 0.6
     quiet_cast: int = 2
     quiet_factor: float = 0.25
+    quiet_lead: bool = False
     fragment_noise: float = 0.05
+    mention_noise: float = 0.0
+    lookalikes: int = 0
+    lookalike_distance: float = 0.6
+    people_per_scene: tuple[int, int] = (2, 5)
+    face_count_p: float = 0.55
     seconds_per_frame: float = 1.0 / 3.0
     seed: int = 0
 
@@ -67,21 +81,28 @@ def make_episode(config: EpisodeConfig | None = None) -> tuple[FaceRecords, list
     )
     # Appearance: an identity centre plus a few modes around it, then per-face noise.
     centres = _unit(rng, len(people), c.dim)
+    if c.lookalikes:
+        doubles = np.arange(len(cast), min(len(people), len(cast) + c.lookalikes))
+        originals = centres[doubles % len(cast)]
+        centres[doubles] = originals + c.lookalike_distance * _unit(rng, len(doubles), c.dim)
+        centres[doubles] /= np.linalg.norm(centres[doubles], axis=1, keepdims=True)
     modes = centres[:, None, :] + c.mode_spread * _unit(
         rng, len(people) * c.modes_per_identity, c.dim
     ).reshape(len(people), c.modes_per_identity, c.dim)
     # Some cast members are rarely named while they are on screen (they speak little and are addressed rarely).
     quiet = set(rng.choice(len(cast), size=min(c.quiet_cast, len(cast)), replace=False).tolist())
+    if c.quiet_lead:
+        quiet = {0} | set(sorted(quiet - {0})[: max(0, c.quiet_cast - 1)])
     talk = np.where([i in quiet for i in range(len(people))], c.quiet_factor, 1.0)
 
     frames, times, weak, labels, vectors = [], [], [], [], []
     frame_index = 0
     for scene in range(c.num_scenes):
-        size = int(rng.integers(2, 6))
+        size = int(rng.integers(c.people_per_scene[0], c.people_per_scene[1] + 1))
         present = rng.choice(len(people), size=size, replace=False, p=freq)
         scene_mode = rng.integers(c.modes_per_identity, size=len(people))
         for _ in range(c.frames_per_scene):
-            count = min(size, 1 + int(rng.geometric(0.55)) - 1)
+            count = min(size, int(rng.geometric(c.face_count_p)))
             weights = freq[present] / freq[present].sum()
             visible = rng.choice(present, size=max(1, count), replace=False, p=weights)
             names: list[str] = []
@@ -99,6 +120,8 @@ def make_episode(config: EpisodeConfig | None = None) -> tuple[FaceRecords, list
                     mentioned = int(rng.choice(len(cast), p=cast_weights / cast_weights.sum()))
                     if mentioned not in visible or rng.random() < 0.3 * talk[mentioned]:
                         names.append(cast[mentioned])
+                if c.mention_noise and rng.random() < c.mention_noise:
+                    names.append(people[int(rng.integers(len(people)))])
                 if rng.random() < c.fragment_noise:
                     names.append(names[-1][:2])
                 if rng.random() < c.fragment_noise:

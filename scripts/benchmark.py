@@ -6,6 +6,8 @@ python scripts/benchmark.py all --quick          # small sizes: a smoke test in 
 python scripts/benchmark.py ssl3d --device cuda  # adds the bf16 paper-config step and GPU utilisation
 python scripts/benchmark.py prompts              # PromptSRC against IVLP training steps
 python scripts/benchmark.py entities             # stages 2+3 on 300,000 faces against scikit-learn; video fps
+python scripts/benchmark.py entities-eval        # entity discovery vs the official algorithm, held-out episodes
+python scripts/benchmark.py entities-eval --split tuning --tune   # the grid the entity defaults were chosen from
 python scripts/benchmark.py finetune             # fine-tuning steps and inference volumes/s
 
 Compared variants are timed round-robin in one process and summarised by their median, so that load from other
@@ -44,7 +46,7 @@ from agreement.sinkhorn import sinkhorn
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "ssl3d" / "demo.yaml"
-PACKAGE_SUITES = ("prompts", "entities", "finetune")
+PACKAGE_SUITES = ("prompts", "entities", "entities-eval", "finetune")
 SUITES = ("agreement", "ssl3d", *PACKAGE_SUITES, "all")
 
 # The official code's time per step on this project's reference CPU machine (ResNet-18, 32 slices of 64x64,
@@ -751,6 +753,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "library's own choice); on a CPU shared with other jobs, 1 thread avoids waiting on descheduled worker "
         "threads at every parallel op",
     )
+    parser.add_argument(
+        "--split",
+        choices=["held-out", "tuning"],
+        default="held-out",
+        help="entities-eval: the half of the evaluation family to run on",
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="entities-eval: score the tuning grid and print the chosen defaults",
+    )
     return parser.parse_args(argv)
 
 
@@ -787,16 +800,21 @@ def _run(args: argparse.Namespace, device: torch.device, out: Path) -> dict[str,
         print(ssl3d_tables(result["ssl3d"]), flush=True)
     for suite in PACKAGE_SUITES:
         if args.suite in (suite, "all"):
-            result[suite] = run_package_suite(suite, args.quick, device)
+            result[suite] = run_package_suite(suite, args, device)
             print(f"\n### {suite}\n\n{rows_table(result[suite]['rows'])}", flush=True)
     data = result if args.suite == "all" else result[args.suite]
     path = write_json(out, _finite_or_none(data))
     print(f"\nwrote {path}")
+    if args.suite == "entities-eval":
+        report = path.with_suffix(".md")
+        report.write_text(data["markdown"] + "\n")
+        print(f"\n{data['markdown']}\n\nwrote {report}")
     return data
 
 
-def run_package_suite(suite: str, quick: bool, device: torch.device) -> dict[str, Any]:
+def run_package_suite(suite: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The benchmarks that live next to their package's code."""
+    quick = args.quick
     if suite == "prompts":
         from prompts.benchmark import run_prompts_benchmark
 
@@ -805,6 +823,10 @@ def run_package_suite(suite: str, quick: bool, device: torch.device) -> dict[str
         from entities.benchmark import run_entities_benchmark
 
         return run_entities_benchmark(quick=quick)
+    if suite == "entities-eval":
+        from entities.evaluation import run_entities_evaluation
+
+        return run_entities_evaluation(quick=quick, split=args.split, tune_defaults=args.tune)
     from ssl3d.finetune.benchmark import run_finetune_benchmark
 
     return run_finetune_benchmark(quick=quick, device=device.type)

@@ -364,6 +364,9 @@ def entities_cases() -> dict[str, Callable[[Path], Case]]:
         "misspelt option": lambda t: entities_case(
             t, ["--discovery.clusters_per_entiti=3"], 2, r"^error: .*clusters_per_entiti"
         ),
+        "empty cast list": lambda t: Case(
+            entities_main, ["--names.cast=[]", f"--run_dir={t / 'run'}"], 1, r"--names\.cast is empty", True
+        ),
     }  # fmt: skip
 
 

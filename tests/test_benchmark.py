@@ -107,7 +107,7 @@ def test_gpu_measurements_run_on_cpu_at_quick_sizes(benchmark):
         assert positive_finite(encoder[key]), key
 
 
-@pytest.mark.parametrize("suite", ["prompts", "entities", "finetune"])
+@pytest.mark.parametrize("suite", ["prompts", "entities", "entities-eval", "finetune"])
 def test_package_suites_quick_write_rows(benchmark, tmp_path, suite):
     out = tmp_path / f"{suite}.json"
     returned = benchmark.main([suite, *QUICK, "--out", str(out)])
@@ -115,3 +115,19 @@ def test_package_suites_quick_write_rows(benchmark, tmp_path, suite):
     assert written["rows"] and len(written["rows"]) == len(returned["rows"])
     timings = [v for row in written["rows"] for k, v in row.items() if "ms" in k or k == "seconds"]
     assert timings and all(positive_finite(float(v)) for v in timings)
+
+
+def test_entities_evaluation_writes_markdown_and_tunes_on_the_tuning_half_only(benchmark, tmp_path):
+    out = tmp_path / "eval.json"
+    result = benchmark.main(["entities-eval", *QUICK, "--out", str(out)])
+    assert result["split"] == "held-out" and "| **mean** |" in out.with_suffix(".md").read_text()
+    assert {"stage 2 mean_per_class_accuracy worst", "stage 3 accuracy mean"} <= set(result["margins"])
+    tuned = benchmark.main(["entities-eval", *QUICK, "--split", "tuning", "--tune", "--out", str(out)])
+    assert tuned["seeds"] == [0] and tuned["chosen"] in [row["options"] for row in tuned["candidates"]]
+    best = max(
+        tuned["candidates"],
+        key=lambda row: (round(row["worst"], 3), row["stage 3 mean_per_class_accuracy mean"]),
+    )
+    assert tuned["chosen"] == best["options"]
+    with pytest.raises(ValueError, match="tuning half only"):
+        benchmark.main(["entities-eval", *QUICK, "--tune", "--out", str(out)])

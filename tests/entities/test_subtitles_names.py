@@ -98,3 +98,21 @@ def test_names_outside_the_cast_warn_with_counts():
     gazetteer = Gazetteer(["Ross"])
     with pytest.warns(UserWarning, match=r"3 name tokens \(2 distinct\) are not in the cast"):
         assert report_out_of_cast([["Ross", "Paul"], ["Paul"], ["Carol"]], gazetteer) == 3
+
+
+def test_one_stray_byte_only_changes_its_own_line(tmp_path):
+    path = tmp_path / "stray.srt"
+    text = "1\n00:00:01,000 --> 00:00:02,000\n(José:) Hola\n\n2\n00:00:03,000 --> 00:00:04,000\n(Ann:) bad BYTE\n"
+    path.write_bytes(text.encode("utf-8").replace(b"BYTE", b"\xff"))
+    with pytest.warns(UserWarning, match=r"stray\.srt: 1 line\(s\) are not valid UTF-8 .*\(line 7\)"):
+        cues = parse_subtitles(path)
+    assert [c.speaker for c in cues] == ["José", "Ann"]
+    assert cues[1].text == "bad \xff"
+
+
+def test_latin1_file_reads_with_a_warning_naming_the_lines(tmp_path):
+    path = tmp_path / "latin1.srt"
+    path.write_bytes("1\n00:00:01,000 --> 00:00:02,000\n(José:) Olá, Zoë\n".encode("iso-8859-1"))
+    with pytest.warns(UserWarning, match=r"latin1\.srt: 1 line\(s\) .* \(line 3\)"):
+        cues = parse_subtitles(path)
+    assert (cues[0].speaker, cues[0].text) == ("José", "Olá, Zoë")

@@ -775,21 +775,27 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     return format_table(table, list(table[0])) if table else ""
 
 
-def verdict(rows: Sequence[dict[str, Any]]) -> str:
-    """One line: on which metrics pretraining beats random initialisation beyond the seeds' spread."""
+def _verdict_line(rows: Sequence[dict[str, Any]], flag: str, qualifier: str, rule: str) -> str:
+    """One line naming the metrics whose ``flag`` is set: pretraining beats random initialisation there."""
     if not rows:
         return "No cross-subject metrics to compare."
-    better = [row["metric"] for row in rows if row["beats random beyond spread"]]
-    others = [row["metric"] for row in rows if not row["beats random beyond spread"]]
-    rule = f"better than every seed and than their mean by > {SPREAD_STDS:g} std"
+    better = [row["metric"] for row in rows if row[flag]]
+    others = [row["metric"] for row in rows if not row[flag]]
+    claim = f"beat{'s' if better else ''} random initialisation{qualifier} ({rule})"
     if not others:
-        return f"Pretraining beats random initialisation beyond the seeds' spread ({rule}) on every metric."
+        return f"Pretraining {claim} on every metric."
     if not better:
-        return f"Pretraining does not beat random initialisation beyond the seeds' spread ({rule}) on any metric."
+        return f"Pretraining does not {claim} on any metric."
     return (
-        f"Pretraining beats random initialisation beyond the seeds' spread ({rule}) on {len(better)} of "
-        f"{len(rows)} metrics ({', '.join(better)}), not on {', '.join(others)}."
+        f"Pretraining {claim} on {len(better)} of {len(rows)} metrics ({', '.join(better)}), not on "
+        f"{', '.join(others)}."
     )
+
+
+def verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """One line: on which metrics pretraining beats random initialisation beyond the seeds' spread."""
+    rule = f"better than every seed and than their mean by > {SPREAD_STDS:g} std"
+    return _verdict_line(rows, "beats random beyond spread", " beyond the seeds' spread", rule)
 
 
 # ------------------------------------------------------------------------- several pretraining runs vs random
@@ -917,19 +923,8 @@ def format_run_rows(rows: Sequence[dict[str, Any]]) -> str:
 
 def run_verdict(rows: Sequence[dict[str, Any]]) -> str:
     """One line: on which metrics every pretraining run beats every random initialisation and its own."""
-    if not rows:
-        return "No cross-subject metrics to compare."
-    better = [row["metric"] for row in rows if row["separates from random"]]
-    others = [row["metric"] for row in rows if not row["separates from random"]]
     rule = "every run better than every random seed and than its own initialisation"
-    if not others:
-        return f"Pretraining beats random initialisation ({rule}) on every metric."
-    if not better:
-        return f"Pretraining does not beat random initialisation ({rule}) on any metric."
-    return (
-        f"Pretraining beats random initialisation ({rule}) on {len(better)} of {len(rows)} metrics "
-        f"({', '.join(better)}), not on {', '.join(others)}."
-    )
+    return _verdict_line(rows, "separates from random", "", rule)
 
 
 def plot_runs(rows: Sequence[dict[str, Any]], out_png: str | Path) -> Path:

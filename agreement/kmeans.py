@@ -71,11 +71,15 @@ def _nearest(
     assignments = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     centroid_sq = (centroids * centroids).sum(1)
+    # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c. Scaling by -2 is exact, and a
+    # product written into one reused block and then shifted in place is faster than addmm, which first copies
+    # the broadcast ||c||^2 into every fresh output block.
+    scaled = (-2.0 * centroids).T.contiguous()
+    block = torch.empty(min(chunk_size, x.shape[0]), centroids.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
         chunk = x[start : start + chunk_size]
-        # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c.
-        partial = torch.addmm(centroid_sq, chunk, centroids.T, beta=1.0, alpha=-2.0)
-        best, index = partial.min(dim=1)
+        partial = torch.mm(chunk, scaled, out=block[: chunk.shape[0]])
+        best, index = partial.add_(centroid_sq).min(dim=1)
         assignments[start : start + chunk_size] = index
         if spherical:
             chunk_sq: torch.Tensor | float = 1.0

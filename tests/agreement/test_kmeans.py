@@ -71,6 +71,21 @@ def test_chunking_does_not_change_the_result():
     assert torch.equal(whole[1], chunked[1])
 
 
+def test_assignment_step_is_the_float64_nearest_centroid_and_distance():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 24, generator=generator) * 3
+    centroids = torch.randn(50, 24, generator=generator) * 3
+    exact = torch.cdist(x.double(), centroids.double()) ** 2
+    best, expected = exact.topk(2, dim=1, largest=False)
+    # Points whose two nearest centroids are farther apart than float32 can blur.
+    clear = (best[:, 1] - best[:, 0]) > 1e-3 * best[:, 1]
+    assert clear.float().mean() > 0.95
+    for spherical, chunk_size in ((False, 7), (False, 4096)):
+        index, distance = kmeans_module._nearest(x, centroids, spherical, chunk_size)
+        assert torch.equal(index[clear], expected[clear, 0])
+        torch.testing.assert_close(distance.double(), best[:, 0], rtol=1e-4, atol=1e-3)
+
+
 def test_empty_clusters_are_repaired():
     x = torch.cat([torch.randn(100, 2) * 0.1, torch.randn(100, 2) * 0.1 + 10])
     init = torch.tensor([[0.0, 0.0], [10.0, 10.0], [1000.0, 1000.0], [-1000.0, 5.0]])  # two start empty

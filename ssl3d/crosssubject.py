@@ -49,7 +49,7 @@ from agreement._optional import optional_import
 from agreement.inputs import load_torch_file
 from ssl3d.data.datamodule import DEMO_RESOLUTION
 from ssl3d.encoder import SliceEncoder
-from ssl3d.fashion import DatasetNotFoundError
+from ssl3d.fashion import DatasetNotFoundError, _mean_std
 from ssl3d.module import JointSSL
 from ssl3d.probe import _pretraining_slices, recalibrate_batchnorm
 from ssl3d.report import format_table
@@ -678,6 +678,12 @@ def beats_random(pretrained: float, random_values: Sequence[float], higher_bette
     return bool(sign * (pretrained - values).min() > 0 and gain > SPREAD_STDS * values.std(ddof=1))
 
 
+def _baselines_of(baselines: dict[str, float], metric: str) -> dict[str, float]:
+    """The raw-intensity baselines of ``metric``'s probe, by feature name."""
+    probe = metric.rsplit(" / ", 1)[-1]
+    return {name.rsplit(" / ", 1)[0]: v for name, v in baselines.items() if name.endswith(" / " + probe)}
+
+
 def compare_with_random(
     model: JointSSL,
     initial_state: dict[str, torch.Tensor] | None,
@@ -722,7 +728,6 @@ def compare_with_random(
     for metric, value in pretrained.items():
         higher = higher_is_better(metric)
         values = [r[metric] for r in randoms]
-        probe = metric.rsplit(" / ", 1)[-1]
         rows.append(
             {
                 "metric": metric,
@@ -734,11 +739,7 @@ def compare_with_random(
                 "initial": None if initial is None else initial[metric],
                 "paired difference": None if initial is None else value - initial[metric],
                 "beats random beyond spread": beats_random(value, values, higher),
-                "baselines": {
-                    name.rsplit(" / ", 1)[0]: v
-                    for name, v in baselines.items()
-                    if name.endswith(" / " + probe)
-                },
+                "baselines": _baselines_of(baselines, metric),
             }
         )
     return {
@@ -809,11 +810,6 @@ class PretrainedRun:
     seed: int
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
-
-
 def separates_from_random(
     pretrained: Sequence[float], random_values: Sequence[float], paired: Sequence[float], higher_better: bool
 ) -> bool:
@@ -868,26 +864,18 @@ def compare_runs(
         pretrained = [r[metric] for r in pretrained_results]
         random_values = [random_results[seed][metric] for seed in seeds]
         paired = [r[metric] - random_results[run.seed][metric] for r, run in zip(pretrained_results, runs)]
-        probe = metric.rsplit(" / ", 1)[-1]
         rows.append(
             {
                 "metric": metric,
                 "higher is better": higher,
                 "pretrained values": pretrained,
-                "pretrained mean": _mean_std(pretrained)[0],
-                "pretrained std": _mean_std(pretrained)[1],
+                **dict(zip(("pretrained mean", "pretrained std"), _mean_std(pretrained))),
                 "random values": random_values,
-                "random mean": _mean_std(random_values)[0],
-                "random std": _mean_std(random_values)[1],
+                **dict(zip(("random mean", "random std"), _mean_std(random_values))),
                 "paired differences": paired,
-                "paired mean": _mean_std(paired)[0],
-                "paired std": _mean_std(paired)[1],
+                **dict(zip(("paired mean", "paired std"), _mean_std(paired))),
                 "separates from random": separates_from_random(pretrained, random_values, paired, higher),
-                "baselines": {
-                    name.rsplit(" / ", 1)[0]: v
-                    for name, v in baselines.items()
-                    if name.endswith(" / " + probe)
-                },
+                "baselines": _baselines_of(baselines, metric),
             }
         )
     return {

@@ -33,6 +33,8 @@ def _fashion(args: argparse.Namespace) -> dict[str, Any]:
         prototypes=args.prototypes,
         knn_train_images=args.knn_train_images,
         knn_test_images=args.knn_test_images,
+        swav_queue_length=args.swav_queue_length,
+        split=args.split,
         methods=args.methods,
     )
     for name in ("train_images", "epochs", "batch_size", "prototypes", "knn_train_images", "knn_test_images"):
@@ -40,6 +42,11 @@ def _fashion(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(config, name)}")
     if config.batch_size > config.train_images:
         raise ValueError(f"--batch_size {config.batch_size} exceeds --train_images {config.train_images}")
+    if config.swav_queue_length and not config.batch_size <= config.swav_queue_length:
+        raise ValueError(
+            f"--swav_queue_length {config.swav_queue_length} must be 0 (no queue) or at least --batch_size "
+            f"{config.batch_size}"
+        )
     out_dir = Path(args.out_dir or Path("runs") / "evaluate" / f"fashion-{time.strftime('%Y%m%d-%H%M%S')}")
     result = run_check(config, args.seeds, args.random_seeds, args.data_dir, out_dir)
     print(f"\nFashion-MNIST check ({result['seconds'] / 60:.1f} min); report in {out_dir}/fashion_check.md")
@@ -140,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     fashion.add_argument("--prototypes", type=int, default=defaults.prototypes)
     fashion.add_argument("--knn_train_images", type=int, default=defaults.knn_train_images)
     fashion.add_argument("--knn_test_images", type=int, default=defaults.knn_test_images)
+    fashion.add_argument(
+        "--swav_queue_length",
+        type=int,
+        default=defaults.swav_queue_length,
+        help="SwAV queue per view (0: none)",
+    )
+    fashion.add_argument(
+        "--split",
+        choices=["report", "tuning"],
+        default=defaults.split,
+        help="'tuning': images disjoint from the reported ones, for choosing settings",
+    )
     fashion.add_argument("--out_dir", default=None, help="default runs/evaluate/fashion-<time>")
     fashion.set_defaults(run=_fashion)
     cross = commands.add_parser(

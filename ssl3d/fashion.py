@@ -137,12 +137,18 @@ def load_fashion_mnist(
     return tensor, torch.from_numpy(labels), classes
 
 
-def class_balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """Indices of ``per_class`` samples of every class (all of a class when it has fewer), in random order."""
+def class_balanced_subset(
+    labels: torch.Tensor, per_class: int, seed: int, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices of ``per_class`` samples of every class (all of a class when it has fewer), in random order,
+    none of them in ``exclude``."""
     generator = torch.Generator().manual_seed(seed)
+    allowed = torch.ones(len(labels), dtype=torch.bool)
+    if exclude is not None:
+        allowed[exclude] = False
     chosen = []
     for label in labels.unique():
-        members = torch.nonzero(labels == label).flatten()
+        members = torch.nonzero((labels == label) & allowed).flatten()
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     picked = torch.cat(chosen)
     return picked[torch.randperm(len(picked), generator=generator)]
@@ -263,7 +269,14 @@ class ImageViewsDataModule(pl.LightningDataModule):
 class CheckConfig:
     """Settings of the check: a ResNet-18, SwAV / DeepCluster-V2's heads (2048-128 projection, temperature 0.1),
     sized to a 2-core CPU. A few hundred steps are too few for LARS (trust 0.001 moves each weight by about
-    lr x 0.001 of its norm per step), so the check uses SGD with momentum at a fixed learning rate."""
+    lr x 0.001 of its norm per step), so the check uses SGD with momentum at a fixed learning rate.
+
+    ``swav_queue_length``: SwAV's queue per view, used from ``queue_start_epoch`` on. SwAV's reference recipe
+    adds one whenever the batch is small next to the number of prototypes (3840 rows, 15 batches of 256): without
+    it Sinkhorn spreads 128 samples over 300 prototypes, and the codes it equipartitions are close to uniform.
+    ``split``: ``"report"`` (the images the README reports) or ``"tuning"`` (pretraining, kNN and test images
+    disjoint from the report split's, for choosing settings without looking at reported data).
+    """
 
     backbone: str = "resnet18"
     train_images: int = 6400
@@ -279,6 +292,9 @@ class CheckConfig:
     lr_reference_batch: int | None = None
     warmup_epochs: float = 1.0
     freeze_prototypes_steps: int = 50
+    swav_queue_length: int = 0
+    queue_start_epoch: int = 1
+    split: str = "report"
     knn_train_images: int = 5000
     knn_test_images: int = 2000
     k: int = 20
@@ -301,6 +317,8 @@ class CheckConfig:
             projection_hidden=self.projection_hidden,
             projection_dim=self.projection_dim,
             freeze_prototypes_steps=self.freeze_prototypes_steps,
+            queue_length=self.swav_queue_length if clustering == "swav" else 0,
+            queue_start_epoch=self.queue_start_epoch,
             lambda_inter=0.0,
             lambda_mask=0.0,
             optimizer=self.optimizer,
@@ -399,6 +417,44 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+def check_subsets(
+    config: CheckConfig, train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of the pretraining, kNN training and test images of ``config.split``, class-balanced; the tuning
+    split's images are none of the report split's."""
+    if config.split not in ("report", "tuning"):
+        raise ValueError(f"split must be 'report' or 'tuning', got {config.split!r}")
+
+    def draw(exclude_train: torch.Tensor | None, exclude_test: torch.Tensor | None, seed: int):
+        pretrain = class_balanced_subset(
+            train_labels, config.train_images // num_classes, seed, exclude_train
+        )
+        knn = class_balanced_subset(
+            train_labels, config.knn_train_images // num_classes, seed + 1, exclude_train
+        )
+        test = class_balanced_subset(
+            test_labels, config.knn_test_images // num_classes, seed + 2, exclude_test
+        )
+        return pretrain, knn, test
+
+    report = draw(None, None, seed=1)
+    if config.split == "report":
+        return report
+    tuning = draw(torch.cat(report[:2]), report[2], seed=11)
+    short = [
+        name
+        for name, idx, wanted in zip(
+            ("train_images", "knn_train_images", "knn_test_images"),
+            tuning,
+            (config.train_images, config.knn_train_images, config.knn_test_images),
+        )
+        if len(idx) < wanted // num_classes * num_classes
+    ]
+    if short:
+        raise ValueError(f"the tuning split has too few images left for {', '.join(short)}; ask for fewer")
+    return tuning
+
+
 def run_check(
     config: CheckConfig | None = None,
     seeds: list[int] = (0,),
@@ -419,10 +475,7 @@ def run_check(
         raise ValueError(
             f"train_images {config.train_images} exceeds the {len(train_images)} training images"
         )
-    per_class = config.train_images // len(classes)
-    pretrain_idx = class_balanced_subset(train_labels, per_class, seed=1)
-    knn_idx = class_balanced_subset(train_labels, config.knn_train_images // len(classes), seed=2)
-    test_idx = class_balanced_subset(test_labels, config.knn_test_images // len(classes), seed=3)
+    pretrain_idx, knn_idx, test_idx = check_subsets(config, train_labels, test_labels, len(classes))
     pretrain = train_images[pretrain_idx]
     data = {
         "recalibrate": pretrain[:4096],
@@ -526,7 +579,10 @@ def write_report(result: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fashion_check.json").write_text(json.dumps(result, indent=2))
     (out_dir / "fashion_check.md").write_text(
-        "# Fashion-MNIST check of the 2D branch\n\n" + report_table(result) + "\n\n"
+        "# Fashion-MNIST check of the 2D branch\n\n"
+        f"split: {result['config']['split']}; SwAV queue per view: {result['config']['swav_queue_length']}\n\n"
+        + report_table(result)
+        + "\n\n"
         "Passes: gain over the random mean >= 0.03 and > 3 random standard deviations.\n"
     )
     import matplotlib

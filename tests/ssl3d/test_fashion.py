@@ -11,11 +11,15 @@ from ssl3d.evaluate import main as evaluate_main
 from ssl3d.fashion import (
     FASHION_MNIST_DIR,
     BatchViews,
+    CheckConfig,
     DatasetNotFoundError,
+    check_subsets,
     class_balanced_subset,
     load_fashion_mnist,
     read_idx,
+    run_check,
 )
+from ssl3d.module import JointSSL
 
 
 def write_idx(path, array: np.ndarray, compress: bool) -> None:
@@ -81,6 +85,74 @@ def test_class_balanced_subset():
     assert torch.equal(picked, class_balanced_subset(labels, 5, seed=0))
 
 
+def test_class_balanced_subset_leaves_out_the_excluded():
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    picked = class_balanced_subset(labels, 3, seed=0, exclude=torch.arange(0, 20, 2))
+    assert torch.bincount(labels[picked]).tolist() == [3, 3]
+    assert bool((picked % 2 == 1).all())
+
+
+def test_tuning_split_shares_no_image_with_the_report_split():
+    train_labels, test_labels = torch.arange(600) % 10, torch.arange(300) % 10
+    config = CheckConfig(train_images=100, knn_train_images=50, knn_test_images=100)
+    report = check_subsets(config, train_labels, test_labels, 10)
+    assert torch.equal(report[0], class_balanced_subset(train_labels, 10, seed=1))  # the reported images
+    tuning = check_subsets(
+        CheckConfig(**{**config.__dict__, "split": "tuning"}), train_labels, test_labels, 10
+    )
+    assert [len(idx) for idx in tuning] == [100, 50, 100]
+    assert not set(torch.cat(tuning[:2]).tolist()) & set(torch.cat(report[:2]).tolist())
+    assert not set(tuning[2].tolist()) & set(report[2].tolist())
+    with pytest.raises(ValueError, match="too few images left for knn_test_images"):
+        check_subsets(
+            CheckConfig(**{**config.__dict__, "split": "tuning", "knn_test_images": 200}),
+            train_labels,
+            test_labels,
+            10,
+        )
+
+
+def test_swav_queue_goes_to_swav_only():
+    config = CheckConfig(swav_queue_length=256, queue_start_epoch=1)
+    assert config.model_kwargs("swav", 0)["queue_length"] == 256
+    assert config.model_kwargs("deepcluster", 0)["queue_length"] == 0
+    model = JointSSL(**{**config.model_kwargs("swav", 0), "backbone": "resnet10t", "prototypes_2d": [20]})
+    assert model.clustering_2d.queue is not None and model.clustering_2d.queue.length == 256
+
+
+def test_tiny_check_runs_end_to_end_with_a_queue(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 400), ("t10k", 100)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = (rng.random((n, 16, 16)) * 60 + labels[:, None, None] * 19).astype(np.uint8)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images, compress=False)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
+    config = CheckConfig(
+        backbone="resnet10t",
+        train_images=100,
+        epochs=2,
+        batch_size=20,
+        prototypes=10,
+        projection_hidden=32,
+        projection_dim=16,
+        swav_queue_length=40,
+        freeze_prototypes_steps=2,
+        knn_train_images=50,
+        knn_test_images=50,
+        k=5,
+        methods=["swav"],
+        split="tuning",
+    )
+    result = run_check(
+        config, seeds=[0], random_seeds=2, data_dir=tmp_path, out_dir=tmp_path / "out", progress=False
+    )
+    run = result["methods"]["swav"]["runs"][0]
+    assert run["steps"] == 10 and len(result["random"]["accuracy_by_seed"]) == 2
+    assert result["config"]["split"] == "tuning" and result["config"]["swav_queue_length"] == 40
+    assert "split: tuning" in (tmp_path / "out" / "fashion_check.md").read_text()
+    assert (tmp_path / "out" / "fashion_check.png").is_file()
+
+
 def test_batch_views_without_jitter_or_blur_are_the_image_or_its_mirror():
     images = torch.rand(32, 1, 12, 12)
     views = BatchViews(images, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0, blur_p=0.0)
@@ -118,3 +190,9 @@ def test_evaluate_rejects_impossible_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["fashion", "--batch_size", "0", "--out_dir", str(tmp_path / "out")])
     assert "--batch_size must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(["fashion", "--swav_queue_length", "64", "--out_dir", str(tmp_path / "out")])
+    assert (
+        "--swav_queue_length 64 must be 0 (no queue) or at least --batch_size 128" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()

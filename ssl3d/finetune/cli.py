@@ -2,7 +2,8 @@
 
 A run folder (``--run_dir``, default ``runs/finetune/<timestamp>``) gets one subfolder per initialisation,
 ``pretrained/`` and, with ``--compare_random true``, ``random/``; each holds the resolved ``config.yaml``,
-``metrics.csv``, ``checkpoints/``, ``results.json`` and, for segmentation, ``predictions/*.nii.gz``. The
+``metrics.csv``, ``checkpoints/``, ``results.json`` and, for segmentation, ``predictions/*.nii.gz`` and the
+fine-tuned ``encoder/`` (exported like ``scripts/pretrain.py``'s, so another run can start from it). The
 table of both initialisations is printed at the end and saved as ``<run_dir>/summary.json``.
 
 ``--model.init_args.encoder latest`` uses the newest completed ``runs/pretrain/*/encoder`` (runs marked
@@ -270,6 +271,8 @@ def run_variant(cli: FinetuneCLI) -> dict[str, Any]:
         "cases": model.test_results,
     }
     if trainer.is_global_zero:
+        if hasattr(model, "export_encoder"):
+            model.export_encoder(cli.variant_dir() / "encoder")
         (cli.variant_dir() / "results.json").write_text(json.dumps(results, indent=2, default=str))
         mark_finished(cli.variant_dir())
     return results

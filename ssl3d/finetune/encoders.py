@@ -18,7 +18,7 @@ from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import nn
 
 from ssl3d.encoder import create_backbone
-from ssl3d.export import load_state_dict_file
+from ssl3d.export import export_encoder, load_state_dict_file
 
 BACKBONE_PREFIX = "timm-"
 
@@ -148,6 +148,25 @@ class TimmUNetEncoder(BaseEncoder, nn.Module):
         metadata = load_encoder_weights(full, path, self.model_name)
         self.model.load_state_dict(self._pruned(full).state_dict(), strict=True)
         return metadata
+
+    def export(self, folder: str | Path, source: str | Path | None = None) -> Path:
+        """Write the (fine-tuned) encoder as ``scripts/pretrain.py`` exports one, so it can start another run.
+
+        Layers the U-Net prunes (never trained here) keep the weights of ``source``, the encoder the run
+        started from (random ones without it); ``encoder.json`` lists them under ``not_finetuned``.
+        """
+        full = create_timm_encoder(self.model_name, self.in_channels)
+        if source is not None:
+            load_encoder_weights(full, source, self.model_name)
+        trained = self.model.state_dict()
+        unexpected = full.load_state_dict(trained, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{self.model_name}: keys outside the timm model: {_key_report(unexpected)}")
+        extra = {
+            "finetuned_from": str(source) if source is not None else None,
+            "not_finetuned": sorted(set(full.state_dict()) - set(trained)),
+        }
+        return export_encoder(full, self.model_name, folder, extra)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)

@@ -112,6 +112,10 @@ class SegmentationTask(pl.LightningModule):
 
     monitor = ("val/iou_3d", "max")  # the paper keeps the model with the best validation 3D IoU
 
+    def export_encoder(self, folder: str | Path) -> Path:
+        """The fine-tuned encoder as an exported ``encoder/`` folder (e.g. the start of another fine-tuning)."""
+        return self.net.encoder.export(folder, source=self.hparams.encoder)
+
     def result_rows(self) -> list[dict[str, object]]:
         """One table row per class (and the foreground mean) of the test summary."""
         names = {"dice": "Dice", "iou": "IoU", "dice_3d": "3D Dice", "iou_3d": "3D IoU", "hd95": "HD95 mm"}

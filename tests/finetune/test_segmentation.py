@@ -3,7 +3,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from ssl3d.export import load_exported_encoder
 from ssl3d.finetune.cli import latest_encoder, main, resolve_encoder
 from tests.finetune.helpers import AFFINE, make_encoder, segmentation_args, write_datalist
 
@@ -37,6 +40,23 @@ def test_cli_fine_tunes_from_both_initialisations_and_writes_predictions(tmp_pat
     assert "| init | class | Dice | IoU | 3D Dice | 3D IoU | HD95 mm |" in out
     assert "| pretrained | ball |" in out and "| random | box |" in out
     assert json.loads((run / "summary.json").read_text())["variants"][0]["variant"] == "random"
+
+    # the fine-tuned encoder is exported like a pretraining run's: the best checkpoint's weights, loadable strictly
+    best = torch.load(summary["variants"][1]["best_checkpoint"], map_location="cpu", weights_only=True)
+    prefix = "net.encoder.model."
+    trained = {k[len(prefix) :]: v for k, v in best["state_dict"].items() if k.startswith(prefix)}
+    exported = load_file(str(run / "pretrained" / "encoder" / "encoder.safetensors"))
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    metadata = json.loads((run / "pretrained" / "encoder" / "encoder.json").read_text())
+    assert metadata["finetuned_from"] == str(encoder)
+    untouched = load_file(str(encoder / "encoder.safetensors"))  # layers the U-Net prunes stay as they came
+    assert (
+        set(metadata["not_finetuned"])
+        == set(exported) - set(trained)
+        == {k for k in untouched if k not in trained}
+    )
+    assert all(torch.equal(exported[k], untouched[k]) for k in metadata["not_finetuned"])
+    assert set(load_exported_encoder(run / "random" / "encoder").state_dict()) == set(exported)
 
 
 def test_misspelt_config_key_is_an_error(tmp_path, capsys):

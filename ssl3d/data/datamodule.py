@@ -24,7 +24,7 @@ from ssl3d.data.datasets import CACHE_MODES, SeededSampler, SliceViewsDataset, V
 from ssl3d.data.images import check_images
 from ssl3d.data.mni import write_mni152_nifti
 from ssl3d.data.sources import VolumeSource, list_images, list_volumes
-from ssl3d.data.transforms import TwoDifferentVolumeViews, TwoViews2D
+from ssl3d.data.transforms import TwoDifferentVolumeViews, TwoViews2D, default_volume_transforms
 from ssl3d.data.volumes import VolumeLoader, check_volumes
 
 DEMO_RESOLUTION = 2
@@ -47,6 +47,10 @@ class JointSSLDataModule(pl.LightningDataModule):
     the temporary folder) and nibabel's test scan. Each demo scan is sliced along all three axes, and each
     (scan, axis) pair counts as a separate volume, because axial, coronal and sagittal stacks look different
     and two scans alone give too little variety; ``slice_axes`` does the same for real data.
+
+    ``jitter_2d`` (brightness and contrast of the 2D views) and ``intensity_views_3d`` (the bias-field and gamma
+    transforms among the volume views) set how far the objectives are made invariant to intensity; downstream
+    tasks that read tissue contrast may want less of it.
 
     ``num_volume_samples`` and ``num_slice_samples`` (dataset sizes for memory banks) exist after
     ``setup("fit")``. Randomness follows from ``seed`` and the epoch only (see :class:`SeededSampler`). Under
@@ -75,6 +79,7 @@ class JointSSLDataModule(pl.LightningDataModule):
         min_foreground: float = 0.05,
         crop_scale_2d: tuple[float, float] | list[float] = (0.3, 1.0),
         jitter_2d: float = 0.4,
+        intensity_views_3d: bool = True,
         cache: str | None = "memory",
         cache_dir: str | None = None,
         skip_bad_files: bool = False,
@@ -192,7 +197,7 @@ class JointSSLDataModule(pl.LightningDataModule):
         self.volume_dataset = VolumeViewsDataset(
             [tensors[i] if cached else sources[i] for i in shard],
             self.loader,
-            views=TwoDifferentVolumeViews(),
+            views=TwoDifferentVolumeViews(default_volume_transforms(intensity=hp.intensity_views_3d)),
             samples_per_volume=hp.samples_per_volume,
             cache=hp.cache,
             cache_dir=self._cache_dir() if hp.cache == "disk" else None,

@@ -28,13 +28,15 @@ from ssl3d.data.volumes import _plain
 _MAX_SEED = 2**31 - 1
 
 
-def default_volume_transforms() -> list[Callable]:
+def default_volume_transforms(intensity: bool = True) -> list[Callable]:
     """One transform per kind of change, each always applied (``prob=1``) so that the two views differ.
+
+    ``intensity=False`` leaves out the bias-field and gamma transforms (the ones that change tissue contrast).
 
     Volumes are ``(1, S, H, W)`` with the slice axis first, so rotation about axis 0 is an in-plane rotation
     and the flip is along H (left-right for axial RAS slices).
     """
-    return [
+    geometry_and_noise = [
         RandAffine(
             prob=1.0,
             rotate_range=(math.pi / 12, math.pi / 36, math.pi / 36),
@@ -44,9 +46,15 @@ def default_volume_transforms() -> list[Callable]:
         ),
         RandFlip(prob=1.0, spatial_axis=1),
         RandGaussianNoise(prob=1.0, std=0.05),
+        RandGaussianSmooth(prob=1.0, sigma_x=(0.0, 0.0), sigma_y=(0.5, 1.5), sigma_z=(0.5, 1.5)),
+    ]
+    if not intensity:
+        return geometry_and_noise
+    return [
+        *geometry_and_noise[:3],
         RandBiasField(prob=1.0, degree=3, coeff_range=(-0.1, 0.1)),  # smooth gain of about 0.5x to 2x
         RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5)),
-        RandGaussianSmooth(prob=1.0, sigma_x=(0.0, 0.0), sigma_y=(0.5, 1.5), sigma_z=(0.5, 1.5)),
+        geometry_and_noise[3],
     ]
 
 

@@ -23,6 +23,7 @@ from ssl3d.data import (
     VolumeSource,
     VolumeViewsDataset,
     check_volumes,
+    default_volume_transforms,
     list_images,
     list_volumes,
     load_image,
@@ -529,6 +530,25 @@ def test_2d_views_without_intensity_jitter_keep_intensities():
     torch.manual_seed(0)
     assert not torch.allclose(jittered(image)[0], image)
     assert TwoViews2D(size=(32, 32), jitter=0.0).transform.transforms[2].transforms[0].brightness is None
+
+
+def test_volume_views_without_intensity_transforms(tmp_path):
+    kinds = [type(t).__name__ for t in default_volume_transforms()]
+    assert kinds == [  # the order fixes which transforms a seed picks: unchanged by the option
+        "RandAffine",
+        "RandFlip",
+        "RandGaussianNoise",
+        "RandBiasField",
+        "RandAdjustContrast",
+        "RandGaussianSmooth",
+    ]
+    without = [type(t).__name__ for t in default_volume_transforms(intensity=False)]
+    assert without == ["RandAffine", "RandFlip", "RandGaussianNoise", "RandGaussianSmooth"]
+    _volume_files(tmp_path, 2)
+    module = _small_module(data_dir=str(tmp_path), intensity_views_3d=False)
+    module.setup("fit")
+    used = [type(t).__name__ for t in module.volume_dataset.views.transforms]
+    assert used == without
 
 
 def test_each_rank_caches_only_its_shard(tmp_path, monkeypatch):

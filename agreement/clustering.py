@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from agreement import dist
-from agreement.kmeans import kmeans
+from agreement.kmeans import PRECISIONS, Precision, kmeans
 from agreement.losses import deepcluster_loss, swav_loss
 from agreement.memory import FeatureQueue, MemoryBank
 from agreement.prototypes import Prototypes
@@ -108,14 +108,18 @@ class DeepClusterV2Clustering(nn.Module):
         kmeans_iterations: int = 10,
         num_views: int = 2,
         backend: Literal["torch", "faiss"] = "torch",
+        precision: Precision = "float32",
     ) -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"DeepCluster-V2: k-means precision must be one of {PRECISIONS}, got {precision!r}")
         self.dim = dim
         self.prototypes = Prototypes(dim, list(num_prototypes)).requires_grad_(False)
         self.temperature = temperature
         self.kmeans_iterations = kmeans_iterations
         self.num_views = num_views
         self.backend = backend
+        self.precision = precision
         self.memory: MemoryBank | None = None
         self.register_buffer("assignments", torch.full((len(num_prototypes), 0), -1, dtype=torch.long))
         # The epoch whose k-means produced the current assignments: a run resumed within that epoch keeps them.
@@ -194,6 +198,7 @@ class DeepClusterV2Clustering(nn.Module):
                 spherical=True,
                 seed=seed + head,
                 backend=self.backend,
+                precision=self.precision,
             )
             self.prototypes.set_centroids(head, centroids.to(self.prototypes.weight(head).dtype))
             self.assignments[head].fill_(-1)

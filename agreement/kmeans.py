@@ -26,6 +26,10 @@ from agreement._optional import optional_import
 
 Backend = Literal["torch", "faiss"]
 Init = Literal["k-means++", "greedy-k-means++", "random"]
+Precision = Literal["float32", "bfloat16"]
+PRECISIONS = ("float32", "bfloat16")
+
+_BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits
 
 
 def _validate(x: torch.Tensor, k: int, iterations: int) -> int:
@@ -92,6 +96,74 @@ def _nearest(
         else:
             chunk_sq = (chunk * chunk).sum(1)
         distances[start : start + chunk_size] = (best + chunk_sq).clamp_min_(0)
+    return assignments, distances
+
+
+def assignment_error_bound(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(n,) bound on how far the bfloat16 assignment score ``||c||^2 - 2 x.c`` of any centroid can be from its
+    exact value, per point: two scores closer than twice this may swap, farther apart they cannot.
+
+    With u = 2^-8: rounding x, -2c and ||c||^2 to bfloat16 moves the score by at most (4u + 2u^2) ||x|| ||c|| +
+    u ||c||^2 (Cauchy-Schwarz on sum |x_i c_i|), rounding the output by u times its size, at most
+    2 ||x|| ||c|| + ||c||^2 to first order, and the fp32 accumulation of dim + 1 products by (dim + 1) 2^-24 of
+    the same sum; the coefficients below add these up with room for the second-order terms.
+    """
+    u = _BF16_UNIT_ROUNDOFF
+    accumulation = (x.shape[1] + 1) * 2.0**-24 * 1.01
+    c_norm = torch.linalg.vector_norm(centroids.double(), dim=1).max()
+    x_norm = torch.linalg.vector_norm(x.double(), dim=1)
+    product = 6 * u + 8 * u**2 + 2 * accumulation
+    norm = 2 * u + 2 * u**2 + accumulation
+    return (product * x_norm * c_norm + norm * c_norm**2).float()
+
+
+class _LowPrecisionPoints:
+    """The points in bfloat16 with a column of ones appended (padded to a multiple of 8 columns), built once per
+    k-means run: one bfloat16 GEMM against ``[-2 c, ||c||^2]`` then gives every score, with no pass over the
+    (points x centroids) block to add the norms."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        dim = x.shape[1]
+        self.width = -(-(dim + 1) // 8) * 8
+        self.points = torch.zeros(x.shape[0], self.width, dtype=torch.bfloat16, device=x.device)
+        self.points[:, :dim] = x
+        self.points[:, dim] = 1.0
+
+    def centroid_columns(self, centroids: torch.Tensor) -> torch.Tensor:
+        k, dim = centroids.shape
+        columns = torch.zeros(self.width, k, dtype=torch.float32, device=centroids.device)
+        columns[:dim] = -2.0 * centroids.T
+        columns[dim] = (centroids * centroids).sum(1)
+        return columns.to(torch.bfloat16)
+
+
+def _nearest_low_precision(
+    x: torch.Tensor,
+    low: _LowPrecisionPoints,
+    centroids: torch.Tensor,
+    spherical: bool,
+    chunk_size: int,
+    point_sq: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_nearest`` with bfloat16 scores: the same index wherever the best score leads the second by more than
+    twice ``assignment_error_bound``; the distance is that of the chosen centroid, to bfloat16 accuracy."""
+    assignments = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    columns = low.centroid_columns(centroids)
+    block = torch.empty(
+        min(chunk_size, x.shape[0]), centroids.shape[0], dtype=torch.bfloat16, device=x.device
+    )
+    for start in range(0, x.shape[0], chunk_size):
+        chunk = low.points[start : start + chunk_size]
+        best, index = torch.mm(chunk, columns, out=block[: chunk.shape[0]]).min(dim=1)
+        assignments[start : start + chunk_size] = index
+        if spherical:
+            chunk_sq: torch.Tensor | float = 1.0
+        elif point_sq is not None:
+            chunk_sq = point_sq[start : start + chunk_size]
+        else:
+            chunk_sq = (x[start : start + chunk_size] ** 2).sum(1)
+        distances[start : start + chunk_size] = (best.float() + chunk_sq).clamp_min_(0)
     return assignments, distances
 
 
@@ -215,14 +287,22 @@ def _kmeans_torch(
     spherical: bool,
     chunk_size: int,
     tol: float = 0.0,
+    precision: Precision = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = centroids.shape[0]
     # Unit points need no norms for the assignment, only for the tolerance's scale.
     point_sq = torch.linalg.vector_norm(x, dim=1) ** 2 if not spherical or tol > 0 else None
     threshold = tol * _mean_variance(x, point_sq) if tol > 0 else 0.0
+    low = _LowPrecisionPoints(x) if precision == "bfloat16" else None
+
+    def nearest(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if low is None:
+            return _nearest(x, centroids, spherical, chunk_size, point_sq)
+        return _nearest_low_precision(x, low, centroids, spherical, chunk_size, point_sq)
+
     previous: torch.Tensor | None = None
     for _ in range(iterations):
-        assignments, distances = _nearest(x, centroids, spherical, chunk_size, point_sq)
+        assignments, distances = nearest(centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assignments, x)
         changed = x.shape[0] if previous is None else int(assignments.ne(previous).sum())
         stats = torch.bincount(assignments, minlength=k)
@@ -242,7 +322,7 @@ def _kmeans_torch(
         centroids, previous = updated, assignments
         if converged:
             break
-    assignments, _ = _nearest(x, centroids, spherical, chunk_size)
+    assignments, _ = nearest(centroids)
     return centroids, assignments
 
 
@@ -299,6 +379,7 @@ def kmeans(
     sample_size: int | None = None,
     sample_iterations: int | None = None,
     n_init: int = 1,
+    precision: Precision = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of ``x`` into ``k`` groups.
 
@@ -323,6 +404,11 @@ def kmeans(
         n_init: starts (seeded with ``seed``, ``seed + 1``, ...); the one with the lowest inertia is kept, as
             scikit-learn's ``n_init``. With ``sample_size``, every start is fitted on the same subsample, compared
             there, and only the best is refined on all points.
+        precision: (torch backend) ``"bfloat16"`` computes the assignment scores with one bfloat16 GEMM (fp32
+            accumulation) instead of fp32; the centroid update stays fp32. A point gets the fp32 assignment
+            whenever its best centroid leads the second by more than twice ``assignment_error_bound`` (about
+            2.4% of ``||x|| max ||c||`` plus 0.8% of ``max ||c||^2``); nearer ties may go either way. Faster where the hardware has bfloat16
+            matrix instructions (recent x86 and GPUs), slower where bfloat16 is emulated.
 
     Returns:
         centroids (k, dim) float32 and this rank's assignments (n,) int64.
@@ -340,6 +426,8 @@ def kmeans(
         raise ValueError(f"kmeans: sample_iterations must be non-negative, got {sample_iterations}")
     if n_init < 1:
         raise ValueError(f"kmeans: n_init must be at least 1, got {n_init}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"kmeans: precision must be one of {PRECISIONS}, got {precision!r}")
     points = _prepare(x, spherical)
     if isinstance(init, torch.Tensor):
         if init.shape != (k, x.shape[1]):
@@ -360,7 +448,7 @@ def kmeans(
         if not isinstance(init, torch.Tensor):
             centroids = _initial_centroids(fit_points, k, init, start_seed, spherical, chunk_size)
         fitted = _run_backend(
-            fit_points, centroids, fit_iterations, spherical, start_seed, chunk_size, tol, backend
+            fit_points, centroids, fit_iterations, spherical, start_seed, chunk_size, tol, backend, precision
         )
         score = inertia(fit_points, *fitted) if n_init > 1 else 0.0
         if best is None or score < best[0]:
@@ -368,7 +456,7 @@ def kmeans(
     assert best is not None
     if not sampled:
         return best[1]
-    return _run_backend(points, best[1][0], iterations, spherical, seed, chunk_size, tol, backend)
+    return _run_backend(points, best[1][0], iterations, spherical, seed, chunk_size, tol, backend, precision)
 
 
 def _run_backend(
@@ -380,9 +468,10 @@ def _run_backend(
     chunk_size: int,
     tol: float,
     backend: Backend,
+    precision: Precision = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
-        return _kmeans_torch(x, centroids, iterations, spherical, chunk_size, tol)
+        return _kmeans_torch(x, centroids, iterations, spherical, chunk_size, tol, precision)
     return _kmeans_faiss(x, centroids, iterations, spherical, seed, chunk_size)
 
 

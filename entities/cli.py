@@ -53,6 +53,7 @@ class DiscoveryOptions:
     kmeans_sample_size: int | None = 65_536
     kmeans_full_iterations: int = 5
     backend: Literal["torch", "faiss"] = "torch"
+    kmeans_precision: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass

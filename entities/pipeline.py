@@ -118,6 +118,7 @@ def discover(
     kmeans_sample_size: int | None = 65_536,
     kmeans_full_iterations: int = 5,
     backend: Literal["torch", "faiss"] = "torch",
+    kmeans_precision: Literal["float32", "bfloat16"] = "float32",
     seed: int = 0,
 ) -> DiscoveryResult:
     """Name every face from its embedding, the weak names of its frame's caption, and the other faces.
@@ -145,6 +146,7 @@ def discover(
         kmeans_iterations, kmeans_restarts, kmeans_tol, kmeans_sample_size, kmeans_full_iterations: k-means
             settings (see ``entities.stages.cluster_faces``; ``kmeans_restarts`` starts, the best kept by
             inertia); the last two only matter above that many faces.
+        backend, kmeans_precision: k-means backend and assignment precision (see ``agreement.kmeans``).
         seed: seeds k-means and the random stage-1 draw.
 
     Returns:
@@ -207,6 +209,7 @@ def discover(
         kmeans_tol,
         kmeans_sample_size,
         kmeans_full_iterations,
+        precision=kmeans_precision,
     )
     scores = vote_scores(cluster_name_graph(clusters, weak, k), vote, frequency_power)
     cluster_labels = agree_on_names(scores, unknown)

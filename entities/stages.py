@@ -64,6 +64,7 @@ def cluster_faces(
     tol: float = 1e-4,
     sample_size: int | None = 65_536,
     full_iterations: int = 5,
+    precision: Literal["float32", "bfloat16"] = "float32",
 ) -> np.ndarray:
     """k-means cluster id per face (``agreement.kmeans`` with scikit-learn's greedy k-means++ seeding); the best
     of ``restarts`` starts by inertia. Euclidean k-means on L2-normalised embeddings, as the paper: spherical
@@ -91,6 +92,7 @@ def cluster_faces(
         sample_size=sample_size if sampled else None,
         sample_iterations=iterations,
         n_init=max(1, restarts),
+        precision=precision,
     )
     return assignments.numpy().astype(np.int64)
 

@@ -53,7 +53,8 @@ class JointSSL(pl.LightningModule):
         queue_length, queue_length_3d: SwAV queue per view for the 2D and the 3D agreement, 0 for none.
         queue_start_epoch: first epoch that uses a full queue.
         freeze_prototypes_steps: SwAV's frozen-prototype warm-up in optimizer steps.
-        kmeans_iterations, kmeans_backend: DeepCluster-V2 k-means settings.
+        kmeans_iterations, kmeans_backend, kmeans_precision: DeepCluster-V2 k-means settings (``"bfloat16"``
+            assignment scores are faster on hardware with bfloat16 matrix instructions; see ``agreement.kmeans``).
         mask_ratio: fraction of slices masked for L_mask (0.1).
         mask_trains_encoder: let L_mask's gradient reach the slice encoder (the official stage 2 keeps it frozen).
         lambda_intra, lambda_inter, lambda_mask: loss weights.
@@ -99,6 +100,7 @@ class JointSSL(pl.LightningModule):
         freeze_prototypes_steps: int = 313,
         kmeans_iterations: int = 10,
         kmeans_backend: Literal["torch", "faiss"] = "torch",
+        kmeans_precision: Literal["float32", "bfloat16"] = "float32",
         mask_ratio: float = 0.1,
         mask_trains_encoder: bool = False,
         lambda_intra: float = 1.0,
@@ -164,6 +166,7 @@ class JointSSL(pl.LightningModule):
                 temperature=hp.temperature,
                 kmeans_iterations=hp.kmeans_iterations,
                 backend=hp.kmeans_backend,
+                precision=hp.kmeans_precision,
             )
         raise ValueError(f"clustering must be 'swav' or 'deepcluster', got {hp.clustering!r}")
 

@@ -36,14 +36,15 @@ def test_agreement_quick_writes_timings_and_ratios(benchmark, tmp_path):
     assert {"torch", "cpu", "torch_threads", "load_average_1_5_15_min"} <= set(data["environment"])
     kmeans = data["kmeans"]
     assert positive_finite(kmeans["matmul_gflops"]) and positive_finite(kmeans["bound_seconds"])
-    assert set(kmeans["results"]) == {"torch", "faiss", "sklearn"}
+    assert set(kmeans["results"]) == {"torch", "torch bf16", "faiss", "sklearn"}
     for result in kmeans["results"].values():
         assert positive_finite(result["seconds"])
         assert all(positive_finite(t) for t in result["seconds_all"])
         assert positive_finite(result["time_vs_sklearn"]) and positive_finite(result["time_vs_matmul_bound"])
         # Same data, same initial centroids, same number of Lloyd iterations: the same clustering.
         assert abs(result["inertia_vs_sklearn"] - 1) < 0.01
-    assert isinstance(kmeans["target_met"], bool)
+    assert set(kmeans["target_met"]) == {"torch", "torch bf16"}
+    assert all(isinstance(met, bool) for met in kmeans["target_met"].values())
     assert positive_finite(data["sinkhorn"]["seconds"])
     assert torch.get_num_threads() == threads  # --threads applies to the run only
 

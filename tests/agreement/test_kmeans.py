@@ -86,6 +86,59 @@ def test_assignment_step_is_the_float64_nearest_centroid_and_distance():
         torch.testing.assert_close(distance.double(), best[:, 0], rtol=1e-4, atol=1e-3)
 
 
+def _exact_scores(x, centroids):
+    x, centroids = x.double(), centroids.double()
+    return (centroids * centroids).sum(1) - 2 * x @ centroids.T
+
+
+@pytest.mark.parametrize(
+    ("scale", "offset", "dim"), [(1.0, 0.0, 24), (3.0, 5.0, 24), (0.01, 0.0, 130), (1.0, 40.0, 7)]
+)
+def test_bfloat16_scores_stay_within_the_error_bound(scale, offset, dim):
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2000, dim, generator=generator) * scale + offset
+    centroids = torch.randn(60, dim, generator=generator) * scale + offset
+    low = kmeans_module._LowPrecisionPoints(x)
+    computed = (low.points @ low.centroid_columns(centroids)).double()
+    error = (computed - _exact_scores(x, centroids)).abs().max(dim=1).values
+    bound = kmeans_module.assignment_error_bound(x, centroids).double()
+    assert bool((error <= bound).all())
+    assert float((error / bound).max()) > 0.05  # the bound is not vacuously loose
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_bfloat16_assignment_is_the_exact_one_outside_the_error_bound(spherical):
+    generator = torch.Generator().manual_seed(3)
+    x, _ = blobs(n=4000, dim=32, centers=40, seed=5)
+    centroids = x[torch.randperm(len(x), generator=generator)[:40]]
+    if spherical:
+        x, centroids = (torch.nn.functional.normalize(t, dim=1) for t in (x, centroids))
+    scores = _exact_scores(x, centroids)
+    best, expected = scores.topk(2, dim=1, largest=False)
+    clear = (best[:, 1] - best[:, 0]) > 2 * kmeans_module.assignment_error_bound(x, centroids).double()
+    assert clear.float().mean() > 0.5  # most points are covered by the guarantee
+    low = kmeans_module._LowPrecisionPoints(x)
+    for chunk_size in (7, 4096):
+        index, distance = kmeans_module._nearest_low_precision(x, low, centroids, spherical, chunk_size, None)
+        assert torch.equal(index[clear], expected[clear, 0])
+        exact_distance = ((x.double() - centroids.double()[index]) ** 2).sum(1)
+        bound = kmeans_module.assignment_error_bound(x, centroids).double()
+        assert bool(((distance.double() - exact_distance).abs() <= bound + 1e-4).all())
+
+
+def test_bfloat16_kmeans_inertia_within_one_percent_of_float32():
+    x, _ = blobs(n=6000, dim=32, centers=50, seed=6)
+    init = _initial_centroids(x, 50, "random", 0, spherical=False, chunk_size=1024)
+    runs = {
+        precision: kmeans(x, 50, iterations=10, spherical=False, init=init, precision=precision)
+        for precision in ("float32", "bfloat16")
+    }
+    # near ties may send the two runs to different local optima; bfloat16 must not end worse by over 1%
+    assert inertia(x, *runs["bfloat16"]) <= 1.01 * inertia(x, *runs["float32"])
+    with pytest.raises(ValueError, match="precision must be one of"):
+        kmeans(x, 5, precision="float16")
+
+
 def test_empty_clusters_are_repaired():
     x = torch.cat([torch.randn(100, 2) * 0.1, torch.randn(100, 2) * 0.1 + 10])
     init = torch.tensor([[0.0, 0.0], [10.0, 10.0], [1000.0, 1000.0], [-1000.0, 5.0]])  # two start empty
@@ -183,20 +236,27 @@ def test_unknown_backend_raises():
         kmeans(torch.randn(10, 3), 2, backend="sklearn")
 
 
-def _kmeans_on_shard(rank, world_size, x, backend, spherical):
+def _kmeans_on_shard(rank, world_size, x, backend, spherical, precision="float32"):
     shard = x.chunk(world_size)[rank]
-    centroids, assignments = kmeans(shard, 6, iterations=8, spherical=spherical, seed=2, backend=backend)
-    return centroids, assignments
+    return kmeans(shard, 6, iterations=8, spherical=spherical, seed=2, backend=backend, precision=precision)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("backend", "spherical"), [("torch", True), ("torch", False), ("faiss", False)])
-def test_two_processes_equal_one(backend, spherical):
+@pytest.mark.parametrize(
+    ("backend", "spherical", "precision"),
+    [
+        ("torch", True, "float32"),
+        ("torch", False, "float32"),
+        ("faiss", False, "float32"),
+        ("torch", True, "bfloat16"),
+    ],
+)
+def test_two_processes_equal_one(backend, spherical, precision):
     x, _ = blobs(n=600, dim=8)
     expected_centroids, expected_assignments = kmeans(
-        x, 6, iterations=8, spherical=spherical, seed=2, backend=backend
+        x, 6, iterations=8, spherical=spherical, seed=2, backend=backend, precision=precision
     )
-    results = run_distributed(_kmeans_on_shard, 2, x, backend, spherical)
+    results = run_distributed(_kmeans_on_shard, 2, x, backend, spherical, precision)
     for centroids, _ in results:
         torch.testing.assert_close(centroids, expected_centroids, rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.cat([a for _, a in results]), expected_assignments)

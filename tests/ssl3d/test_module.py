@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from agreement import clustering as clustering_module
 from agreement.runs import ExactResume
 from ssl3d.module import JointSSL
 from tests.ssl3d.tiny import TINY_MODEL, TinyDataModule
@@ -61,9 +62,15 @@ def test_trains_and_all_losses_are_finite(tmp_path, clustering):
     assert any(k.startswith("transformer.") for k in changed)
 
 
-def test_deepcluster_assigns_every_sample_after_the_first_epoch(tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_deepcluster_assigns_every_sample_after_the_first_epoch(tmp_path, precision, monkeypatch):
     pl.seed_everything(0)
-    model = JointSSL(clustering="deepcluster", **TINY_MODEL)
+    model = JointSSL(clustering="deepcluster", kmeans_precision=precision, **TINY_MODEL)
+    used = []
+    kmeans = clustering_module.kmeans
+    monkeypatch.setattr(
+        clustering_module, "kmeans", lambda *a, **kw: used.append(kw["precision"]) or kmeans(*a, **kw)
+    )
     data = TinyDataModule()
     make_trainer(tmp_path, 2, enable_checkpointing=False).fit(model, data)
     assert model.clustering_2d.memory.fill_fraction == 1.0
@@ -73,6 +80,9 @@ def test_deepcluster_assigns_every_sample_after_the_first_epoch(tmp_path):
     torch.testing.assert_close(
         model.clustering_3d.prototypes.weight(0).norm(dim=1), torch.ones(3), atol=0.2, rtol=0
     )
+    assert used and set(used) == {precision}
+    with pytest.raises(ValueError, match="k-means precision must be one of"):
+        JointSSL(clustering="deepcluster", kmeans_precision="float16", **TINY_MODEL)
 
 
 def test_swav_prototypes_stay_fixed_while_frozen(tmp_path):

@@ -8,15 +8,17 @@ builds those inputs from a video and its subtitle file; ``load_records`` reads t
 
 from entities.metrics import evaluate, evaluate_expected, stage_table
 from entities.names import UNKNOWN, Gazetteer, caption_names
-from entities.pipeline import DiscoveryResult, discover, discover_records
+from entities.pipeline import OFFICIAL_OPTIONS, DiscoveryOptions, DiscoveryResult, discover, discover_records
 from entities.records import FaceRecords, RecordsError, load_records, save_records
 from entities.selftrain import LinearEntityHead
 from entities.subtitles import CaptionLine, SubtitleError, parse_subtitles
 from entities.synthetic import EpisodeConfig, make_episode
 
 __all__ = [
+    "OFFICIAL_OPTIONS",
     "UNKNOWN",
     "CaptionLine",
+    "DiscoveryOptions",
     "DiscoveryResult",
     "EpisodeConfig",
     "FaceRecords",

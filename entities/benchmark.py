@@ -22,14 +22,10 @@ import numpy as np
 from entities.evaluation import official_stages
 from entities.metrics import evaluate
 from entities.names import Gazetteer
-from entities.pipeline import discover, names_to_ids
+from entities.pipeline import OFFICIAL_OPTIONS, discover, names_to_ids
 from entities.records import FaceRecords
 from entities.synthetic import EpisodeConfig, make_episode
 
-# The official algorithm's choices, run by ``discover``: the same method, so the accuracy must match.
-OFFICIAL_SETTINGS = dict(
-    k=30, vote="majority", one_name_per_face_per_frame=False, refine_iterations=1, refine_rule="until_stable"
-)
 SCALE_CAST = ("Avery", "Blake", "Corin", "Dale", "Ellis", "Finley", "Gray", "Harper")
 
 
@@ -115,7 +111,7 @@ def run_entities_benchmark(quick: bool = False) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         same = discover(
-            records.embeddings, records.weak_names, records.frames, gazetteer, seed=seed, **OFFICIAL_SETTINGS
+            records.embeddings, records.weak_names, records.frames, gazetteer, OFFICIAL_OPTIONS, seed=seed
         )
     same_s = time.perf_counter() - start
     scores = {

@@ -13,9 +13,9 @@ import json
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -24,7 +24,7 @@ from agreement.inputs import report_root_cause
 from entities.metrics import evaluate, evaluate_expected, per_class_table, stage_table
 from entities.names import UNKNOWN, Gazetteer
 from entities.outputs import summary_counts, write_gallery, write_metrics, write_names
-from entities.pipeline import discover_records, names_to_ids
+from entities.pipeline import DiscoveryOptions, DiscoveryResult, discover_records, names_to_ids
 from entities.records import FaceRecords, RecordsError, load_records
 from entities.selftrain import self_training_comparison
 from entities.stages import weak_label_distribution, weak_label_graph
@@ -32,28 +32,6 @@ from entities.synthetic import EpisodeConfig, make_episode
 from entities.video import VideoOptions, records_from_video
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "entities" / "default.yaml"
-
-
-@dataclass
-class DiscoveryOptions:
-    """Stage 2 and 3 settings (see ``entities.discover``)."""
-
-    k: int | None = None
-    clusters_per_entity: int = 4
-    vote: Literal["majority", "frequency"] = "frequency"
-    frequency_power: float = 0.75
-    one_name_per_face_per_frame: bool = True
-    refine_target: Literal["most_frequent", "all"] = "most_frequent"
-    refine_iterations: int = 10
-    refine_rule: Literal["until_stable", "weak_agreement"] = "weak_agreement"
-    distance: Literal["euclidean", "cosine"] = "euclidean"
-    kmeans_iterations: int = 50
-    kmeans_restarts: int = 10
-    kmeans_tol: float = 1e-4
-    kmeans_sample_size: int | None = 65_536
-    kmeans_full_iterations: int = 5
-    backend: Literal["torch", "faiss"] = "torch"
-    kmeans_precision: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -110,6 +88,95 @@ def label_only_metrics(records: FaceRecords, gazetteer: Gazetteer) -> dict[str, 
     return results
 
 
+@dataclass
+class LoadedInput:
+    """What a run discovers entities in: the face records, where they came from, and the cast."""
+
+    data: FaceRecords
+    source: str
+    cast: list[str]
+    gazetteer: Gazetteer
+
+
+def load_input(
+    records: str | None,
+    video: str | None,
+    subtitles: str | None,
+    names: NameOptions,
+    video_options: VideoOptions,
+    episode: EpisodeConfig,
+    out: Path,
+) -> LoadedInput:
+    """Face records from a file, a captioned video (face crops under ``out``) or the synthetic episode, and
+    the cast (given, or the most frequent weak names)."""
+    cast = names.cast
+    if records:
+        data, source = load_records(records), records
+    elif video:
+        if not cast:
+            raise ValueError("--video needs the cast list (--names.cast '[Name1, Name2]')")
+        gazetteer = Gazetteer(cast, names.aliases, names.min_similarity, names.exact)
+        data = records_from_video(video, subtitles, gazetteer, video_options, crops_dir=out / "crops")
+        source = video
+    else:
+        data, cast = make_episode(episode)
+        source = "synthetic episode"
+    if cast is None:
+        cast = infer_cast(data.weak_names, names.num_cast)
+    return LoadedInput(data, source, cast, Gazetteer(cast, names.aliases, names.min_similarity, names.exact))
+
+
+def score(
+    loaded: LoadedInput, result: DiscoveryResult | None, self_training: SelfTrainingOptions, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Metrics against the records' labels, when they have some: every stage, and on held-out frames the
+    self-trained linear head against a supervised oracle; without embeddings, the label-only metrics."""
+    data = loaded.data
+    if result is None:
+        return label_only_metrics(data, loaded.gazetteer)
+    if data.labels is None:
+        return {}
+    metrics = result.evaluate(data.labels)
+    if self_training.enabled:
+        truth = names_to_ids(data.labels, result.classes)
+        heads = self_training_comparison(
+            data.embeddings, result.stage3, truth, data.frame_ids(), len(result.classes),
+            self_training.epochs, self_training.lr, seed,
+        )  # fmt: skip
+        held = ~heads["train_mask"]
+        metrics["held-out: stage 3"] = evaluate(truth[held], result.stage3[held], result.classes)
+        metrics["held-out: self-trained head"] = evaluate(
+            truth[held], heads["self_training_held_out"], result.classes
+        )
+        metrics["held-out: supervised oracle"] = evaluate(truth[held], heads["oracle"], result.classes)
+    return metrics
+
+
+def write_outputs(
+    loaded: LoadedInput, result: DiscoveryResult | None, metrics: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """Names (JSON, CSV), gallery and metrics (JSON, Markdown) under ``out``; returns the summary's entries."""
+    data = loaded.data
+    summary: dict[str, Any] = {
+        "source": loaded.source,
+        "faces": len(data),
+        "frames": len(set(data.frames)),
+        "cast": loaded.cast,
+    }
+    if result is not None:
+        summary["names_json"], summary["names_csv"] = map(str, write_names(data, result, out))
+        gallery = write_gallery(data, result, out)
+        summary["gallery"] = str(gallery) if gallery else None
+        summary["faces_per_name"] = summary_counts(result)
+        summary["refine_passes"] = result.refine_passes
+    if metrics:
+        summary["metrics_json"], summary["metrics_md"] = map(
+            str, write_metrics(metrics, loaded.gazetteer.classes, out)
+        )
+        summary["stage_table"] = stage_table(metrics)
+    return summary
+
+
 def run(
     records: str | None = None,
     video: str | None = None,
@@ -122,7 +189,8 @@ def run(
     run_dir: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Discover entities and write the run folder; returns a summary (also written as ``summary.json``).
+    """Discover entities and write the run folder: load -> discover -> score -> write. Returns a summary (also
+    written as ``summary.json``).
 
     Args:
         records: JSON or Parquet face records (frame, names, embedding, optional label); excludes ``video``.
@@ -144,70 +212,23 @@ def run(
     out = Path(run_dir) if run_dir else Path("runs") / "entities" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cast = names.cast
-    if records:
-        data = load_records(records)
-        source = records
-    elif video:
-        if not cast:
-            raise ValueError("--video needs the cast list (--names.cast '[Name1, Name2]')")
-        gazetteer = Gazetteer(cast, names.aliases, names.min_similarity, names.exact)
-        data = records_from_video(video, subtitles, gazetteer, video_options, crops_dir=out / "crops")
-        source = video
-    else:
-        data, cast = make_episode(episode)
-        source = "synthetic episode"
-    if cast is None:
-        cast = infer_cast(data.weak_names, names.num_cast)
-    gazetteer = Gazetteer(cast, names.aliases, names.min_similarity, names.exact)
-    summary: dict[str, Any] = {
-        "source": source,
-        "faces": len(data),
-        "frames": len(set(data.frames)),
-        "cast": cast,
-    }
-
-    if data.embeddings is None:
-        if data.labels is None:
-            raise RecordsError(
-                f"{source}: records without embeddings or labels: nothing to discover or score"
-            )
-        metrics = label_only_metrics(data, gazetteer)
-        result = None
-    else:
-        result = discover_records(data, gazetteer, seed=seed, **asdict(discovery))
-        metrics = result.evaluate(data.labels) if data.labels is not None else {}
-        if self_training.enabled:
-            truth = None if data.labels is None else names_to_ids(data.labels, result.classes)
-            heads = self_training_comparison(
-                data.embeddings, result.stage3, truth, data.frame_ids(), len(result.classes),
-                self_training.epochs, self_training.lr, seed,
-            )  # fmt: skip
-            if truth is not None:
-                held = ~heads["train_mask"]
-                metrics["held-out: stage 3"] = evaluate(truth[held], result.stage3[held], result.classes)
-                metrics["held-out: self-trained head"] = evaluate(
-                    truth[held], heads["self_training_held_out"], result.classes
-                )
-                metrics["held-out: supervised oracle"] = evaluate(
-                    truth[held], heads["oracle"], result.classes
-                )
-        summary["names_json"], summary["names_csv"] = map(str, write_names(data, result, out))
-        gallery = write_gallery(data, result, out)
-        summary["gallery"] = str(gallery) if gallery else None
-        summary["faces_per_name"] = summary_counts(result)
-        summary["refine_passes"] = result.refine_passes
-    if metrics:
-        summary["metrics_json"], summary["metrics_md"] = map(
-            str, write_metrics(metrics, gazetteer.classes, out)
+    loaded = load_input(records, video, subtitles, names, video_options, episode, out)
+    data = loaded.data
+    if data.embeddings is None and data.labels is None:
+        raise RecordsError(
+            f"{loaded.source}: records without embeddings or labels: nothing to discover or score"
         )
-        summary["stage_table"] = stage_table(metrics)
+    result = (
+        None if data.embeddings is None else discover_records(data, loaded.gazetteer, discovery, seed=seed)
+    )
+    metrics = score(loaded, result, self_training, seed)
+    summary = write_outputs(loaded, result, metrics, out)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["run_dir"] = str(out)
     (out / "summary.json").write_text(
         json.dumps({k: v for k, v in summary.items() if k != "stage_table"}, indent=1)
     )
-    print_summary(summary, metrics, gazetteer.classes)
+    print_summary(summary, metrics, loaded.gazetteer.classes)
     return summary
 
 

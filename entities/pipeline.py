@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -96,44 +96,16 @@ def unnamed_cast(weak: BipartiteGraph, classes: Sequence[str], unknown_id: int) 
     return [name for c, name in enumerate(classes) if c != unknown_id and mentions[c] == 0]
 
 
-def discover(
-    embeddings: np.ndarray | Sequence[Sequence[float]],
-    weak_names: Sequence[Sequence[str]],
-    frames: Sequence[Any],
-    cast: Sequence[str] | Gazetteer,
-    *,
-    k: int | None = None,
-    clusters_per_entity: int = 4,
-    vote: Vote = "frequency",
-    frequency_power: float = 0.75,
-    one_name_per_face_per_frame: bool = True,
-    refine_target: Literal["most_frequent", "all"] = "most_frequent",
-    refine_iterations: int = 10,
-    refine_rule: RefineRule = "weak_agreement",
-    distance: Literal["euclidean", "cosine"] = "euclidean",
-    normalize: bool = True,
-    kmeans_iterations: int = 50,
-    kmeans_restarts: int = 10,
-    kmeans_tol: float = 1e-4,
-    kmeans_sample_size: int | None = 65_536,
-    kmeans_full_iterations: int = 5,
-    backend: Literal["torch", "faiss"] = "torch",
-    kmeans_precision: Literal["float32", "bfloat16"] = "float32",
-    seed: int = 0,
-) -> DiscoveryResult:
-    """Name every face from its embedding, the weak names of its frame's caption, and the other faces.
+@dataclass
+class DiscoveryOptions:
+    """Stage 2 and 3 settings of :func:`discover`, the ``discovery`` section of ``scripts/discover_entities.py``.
 
     The defaults (those of ``configs/entities/default.yaml``) were chosen on the tuning half of the evaluation
     family (``entities.evaluation``): a name-frequency-corrected vote, one cast name per face per frame, and
-    stage-3 passes kept only while they raise the agreement with the weak names. ``vote="majority",
-    one_name_per_face_per_frame=False, refine_iterations=1, refine_rule="until_stable", k=30`` is the official
-    algorithm.
+    stage-3 passes kept only while they raise the agreement with the weak names. ``OFFICIAL_OPTIONS`` (majority
+    vote, no per-frame matching, one stage-3 pass, ``k=30``) is the official algorithm.
 
-    Args:
-        embeddings: (faces, dim) face embeddings.
-        weak_names: per face, the name tokens of the caption(s) aligned with its frame (may be empty).
-        frames: per face, the key of its frame or caption window (faces of one frame share a bipartite graph).
-        cast: the main people (a list of names or a ``Gazetteer``); other names become "Unknown".
+    Attributes:
         k: number of k-means clusters; default ``clusters_per_entity * (named cast + 1)``, counting only the
             cast members that some weak name refers to (the others get a warning); at most one per face.
         vote: ``"majority"`` (official) or ``"frequency"`` (votes divided by name frequency ** ``frequency_power``).
@@ -142,16 +114,72 @@ def discover(
         refine_iterations: maximum stage-3 passes (1 with ``refine_rule="until_stable"`` = the official pass).
         refine_rule: ``"weak_agreement"`` keeps a pass only while it raises the mutual information between the
             labels and the weak names; ``"until_stable"`` makes passes until no label changes.
+        distance: stage-3 distance to the prototypes.
         normalize: L2-normalise embeddings first (the paper's FaceNet embeddings are unit vectors).
         kmeans_iterations, kmeans_restarts, kmeans_tol, kmeans_sample_size, kmeans_full_iterations: k-means
             settings (see ``entities.stages.cluster_faces``; ``kmeans_restarts`` starts, the best kept by
             inertia); the last two only matter above that many faces.
         backend, kmeans_precision: k-means backend and assignment precision (see ``agreement.kmeans``).
+    """
+
+    k: int | None = None
+    clusters_per_entity: int = 4
+    vote: Vote = "frequency"
+    frequency_power: float = 0.75
+    one_name_per_face_per_frame: bool = True
+    refine_target: Literal["most_frequent", "all"] = "most_frequent"
+    refine_iterations: int = 10
+    refine_rule: RefineRule = "weak_agreement"
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    normalize: bool = True
+    kmeans_iterations: int = 50
+    kmeans_restarts: int = 10
+    kmeans_tol: float = 1e-4
+    kmeans_sample_size: int | None = 65_536
+    kmeans_full_iterations: int = 5
+    backend: Literal["torch", "faiss"] = "torch"
+    kmeans_precision: Literal["float32", "bfloat16"] = "float32"
+
+    def updated(self, **settings: Any) -> DiscoveryOptions:
+        """A copy with ``settings`` changed; an unknown name is an error that lists the known ones."""
+        unknown = sorted(set(settings) - {f.name for f in fields(self)})
+        if unknown:
+            known = ", ".join(f.name for f in fields(self))
+            raise TypeError(f"unknown discovery settings {', '.join(unknown)}; the settings are: {known}")
+        return replace(self, **settings)
+
+
+# The official algorithm's choices, run by ``discover``.
+OFFICIAL_OPTIONS = DiscoveryOptions(
+    k=30, vote="majority", one_name_per_face_per_frame=False, refine_iterations=1, refine_rule="until_stable"
+)
+
+
+def discover(
+    embeddings: np.ndarray | Sequence[Sequence[float]],
+    weak_names: Sequence[Sequence[str]],
+    frames: Sequence[Any],
+    cast: Sequence[str] | Gazetteer,
+    options: DiscoveryOptions | None = None,
+    *,
+    seed: int = 0,
+    **settings: Any,
+) -> DiscoveryResult:
+    """Name every face from its embedding, the weak names of its frame's caption, and the other faces.
+
+    Args:
+        embeddings: (faces, dim) face embeddings.
+        weak_names: per face, the name tokens of the caption(s) aligned with its frame (may be empty).
+        frames: per face, the key of its frame or caption window (faces of one frame share a bipartite graph).
+        cast: the main people (a list of names or a ``Gazetteer``); other names become "Unknown".
+        options: the stage 2 and 3 settings (default ``DiscoveryOptions()``).
         seed: seeds k-means and the random stage-1 draw.
+        settings: single settings changed from ``options`` (e.g. ``k=30, vote="majority"``).
 
     Returns:
         A ``DiscoveryResult``: a sequence of final names, with every stage's labels.
     """
+    options = (options or DiscoveryOptions()).updated(**settings)
     gazetteer = cast if isinstance(cast, Gazetteer) else Gazetteer(cast)
     n = len(weak_names)
     if len(frames) != n:
@@ -164,7 +192,7 @@ def discover(
     x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
     if not (np.isfinite(x.sum(dtype=np.float64)) or np.isfinite(x).all()):
         raise RecordsError("embeddings contain NaN or inf")
-    if normalize:
+    if options.normalize:
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         if (norms == 0).any():
             raise RecordsError(f"{int((norms == 0).sum())} embeddings are all zeros and cannot be normalised")
@@ -189,11 +217,12 @@ def discover(
         warnings.warn(
             f"cast members never named in the captions: {', '.join(silent)}; no face can be named after "
             "them (check the spelling, or give aliases)"
-            + ("; k counts only the named classes" if k is None else ""),
+            + ("; k counts only the named classes" if options.k is None else ""),
             stacklevel=2,
         )
+    k = options.k
     if k is None:
-        k = default_k(len(classes) - len(silent), clusters_per_entity)
+        k = default_k(len(classes) - len(silent), options.clusters_per_entity)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if k > n:
@@ -202,27 +231,34 @@ def discover(
     clusters = cluster_faces(
         x,
         k,
-        kmeans_iterations,
-        kmeans_restarts,
-        seed,
-        backend,
-        kmeans_tol,
-        kmeans_sample_size,
-        kmeans_full_iterations,
-        precision=kmeans_precision,
+        iterations=options.kmeans_iterations,
+        restarts=options.kmeans_restarts,
+        seed=seed,
+        backend=options.backend,
+        tol=options.kmeans_tol,
+        sample_size=options.kmeans_sample_size,
+        full_iterations=options.kmeans_full_iterations,
+        precision=options.kmeans_precision,
     )
-    scores = vote_scores(cluster_name_graph(clusters, weak, k), vote, frequency_power)
+    scores = vote_scores(cluster_name_graph(clusters, weak, k), options.vote, options.frequency_power)
     cluster_labels = agree_on_names(scores, unknown)
     stage2 = cluster_labels[clusters]
     changes = 0
-    if one_name_per_face_per_frame:
+    if options.one_name_per_face_per_frame:
         totals = scores.sum(axis=1, keepdims=True)
         face_scores = np.divide(scores, totals, out=np.zeros_like(scores), where=totals > 0)[clusters]
         stage2, changes = one_name_per_frame(frame_ids, face_scores, stage2, unknown)
 
     # Stage 3: prototypes of the agreed entities pull faces of the target entities to their nearest one.
     stage3, passes = refine_with_prototypes(
-        x, stage2, len(classes), refine_target, refine_iterations, distance, refine_rule, weak
+        x,
+        stage2,
+        len(classes),
+        target=options.refine_target,
+        max_iterations=options.refine_iterations,
+        distance=options.distance,
+        rule=options.refine_rule,
+        weak=weak,
     )
     return DiscoveryResult(
         classes=list(classes),
@@ -239,9 +275,12 @@ def discover(
 
 
 def discover_records(
-    records: FaceRecords, cast: Sequence[str] | Gazetteer, **options: Any
+    records: FaceRecords,
+    cast: Sequence[str] | Gazetteer,
+    options: DiscoveryOptions | None = None,
+    **settings: Any,
 ) -> DiscoveryResult:
-    """``discover`` on ``FaceRecords`` (which must carry embeddings)."""
+    """``discover`` on ``FaceRecords`` (which must carry embeddings); ``settings`` as for ``discover``."""
     if records.embeddings is None:
         raise RecordsError(f"{records.source}: the records have no embeddings; stages 2 and 3 need them")
-    return discover(records.embeddings, records.weak_names, records.frames, cast, **options)
+    return discover(records.embeddings, records.weak_names, records.frames, cast, options, **settings)

@@ -57,6 +57,7 @@ def random_weak_labels(weak_ids: Sequence[Sequence[int]], unknown_id: int, seed:
 def cluster_faces(
     embeddings: np.ndarray,
     k: int,
+    *,
     iterations: int = 50,
     restarts: int = 1,
     seed: int = 0,
@@ -78,7 +79,6 @@ def cluster_faces(
     points = torch.nn.functional.normalize(
         torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1
     )
-    k = min(k, points.shape[0])
     sampled = sample_size is not None and sample_size < len(points)
     _, assignments = kmeans(
         points,

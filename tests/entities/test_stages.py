@@ -7,7 +7,7 @@ from entities.benchmark import scale_episode
 from entities.evaluation import official_stages
 from entities.metrics import evaluate
 from entities.names import Gazetteer
-from entities.pipeline import discover, discover_records
+from entities.pipeline import DiscoveryOptions, discover, discover_records
 from entities.records import FaceRecords, RecordsError, load_records, records_from_rows, save_records
 from entities.stages import (
     agree_on_names,
@@ -77,6 +77,13 @@ def test_discover_on_synthetic_episode_beats_the_weak_baseline():
     assert stage3["mean_per_class_accuracy"] >= stage2["mean_per_class_accuracy"] > 0.8
     again = discover_records(records, cast, seed=0)
     np.testing.assert_array_equal(again.stage3, result.stage3)
+    # the options object passed whole, and single settings changing it, give the same run
+    options = DiscoveryOptions(vote="majority", refine_iterations=1)
+    whole = discover_records(records, cast, options, seed=0)
+    single = discover_records(records, cast, seed=0, vote="majority", refine_iterations=1)
+    np.testing.assert_array_equal(whole.stage3, single.stage3)
+    with pytest.raises(TypeError, match="unknown discovery settings votes; the settings are: k, "):
+        discover_records(records, cast, votes="majority")
 
 
 def test_records_round_trip_json_and_parquet(tmp_path):

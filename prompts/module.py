@@ -38,8 +38,10 @@ def cosine_with_warmup(epoch: int, max_epochs: int, warmup_epochs: int, warmup_f
 class PromptCLIPModule(pl.LightningModule):
     """Common base: builds the frozen open_clip model and the prompts, trains with SGD, evaluates top-1 accuracy.
 
-    Subclasses define ``compute_loss``. ``classnames`` may be given here or are taken from the datamodule's
-    ``train_classnames`` at ``setup``; ``set_eval_classnames`` switches the label space before a test.
+    ``compute_loss`` is the cross-entropy; methods with more terms override it. ``classnames`` may be given here
+    or are taken from the datamodule's ``train_classnames`` at ``setup``; ``set_eval_classnames`` switches the
+    label space before a test. The defaults are IVLP's and PromptSRC's prompts (4 vectors, depth 9 in both
+    towers); subclasses change what differs and forward the rest (``**kwargs``).
     """
 
     trainable = True
@@ -59,7 +61,6 @@ class PromptCLIPModule(pl.LightningModule):
         weight_decay: float = 5e-4,
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
-        frozen_precision: Precision = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -115,7 +116,9 @@ class PromptCLIPModule(pl.LightningModule):
         return self.model(images)
 
     def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Cross-entropy of the prompted logits (IVLP, CoOp); methods with more terms override it."""
+        loss = F.cross_entropy(self(images).float(), labels)
+        return {"ce": loss, "loss": loss}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self.compute_loss(batch["image"], batch["label"])
@@ -149,20 +152,6 @@ class PromptCLIPModule(pl.LightningModule):
             optimizer, lambda e: cosine_with_warmup(e, max_epochs, hp.warmup_epochs, factor)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-    # ------------------------------------------------------------------ frozen passes
-    def frozen_context(self):
-        """No autograd graph, and reduced precision on GPU, for the teacher passes."""
-        precision = self.hparams.frozen_precision
-        if self.device.type != "cuda" or precision == "fp32":
-            return torch.no_grad()
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(torch.autocast("cuda", dtype=dtype))
-        return stack
 
     # ------------------------------------------------------------------ checkpoints
     def _frozen_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -201,30 +190,23 @@ class PromptCLIPModule(pl.LightningModule):
                 )
 
 
-class PromptSRC(PromptCLIPModule):
-    """PromptSRC: IVLP deep prompts trained with CE plus the self-regulating constraints, and GPA.
+class IVLP(PromptCLIPModule):
+    """Independent vision-language prompting: deep prompts in both towers (the base's defaults), CE loss."""
+
+
+class PromptSRC(IVLP):
+    """PromptSRC: IVLP's prompts trained with CE plus the self-regulating constraints, and GPA.
 
     Loss = CE + text_weight * L1(g_p, g) + image_weight * L1(f_p, f) + logits_weight * KL(z || z_p) / (B*C), with
     ``g`` the 60-template mean of frozen text features (cached per class list) and ``f``/``z`` from the same CLIP
     model without prompts. GPA averages the prompts after each epoch with Gaussian weights over epochs
     1..``gpa_epochs`` (default ``max_epochs``) and loads the aggregate at the end of training.
+    ``frozen_precision``: precision of the frozen teacher passes on GPU (``"auto"``: bf16 where supported).
+    Other arguments go to :class:`PromptCLIPModule`.
     """
 
     def __init__(
         self,
-        model_name: str = "ViT-B-16-quickgelu",
-        pretrained: str | None = None,
-        classnames: list[str] | None = None,
-        n_ctx: int = 4,
-        text_depth: int = 9,
-        vision_depth: int = 9,
-        ctx_init: str = "a photo of a",
-        lr: float = 0.0025,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
-        frozen_precision: Precision = "auto",
         text_weight: float = 25.0,
         image_weight: float = 10.0,
         logits_weight: float = 1.0,
@@ -232,22 +214,10 @@ class PromptSRC(PromptCLIPModule):
         gpa_mean: float = 15.0,
         gpa_std: float = 1.0,
         gpa_epochs: int | None = None,
+        frozen_precision: Precision = "auto",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            model_name=model_name,
-            pretrained=pretrained,
-            classnames=classnames,
-            n_ctx=n_ctx,
-            text_depth=text_depth,
-            vision_depth=vision_depth,
-            ctx_init=ctx_init,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-            frozen_precision=frozen_precision,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         self._teacher_text: dict[tuple, torch.Tensor] = {}
         self.aggregator: PromptAggregator | None = None
@@ -294,6 +264,20 @@ class PromptSRC(PromptCLIPModule):
             image_weight=hp.image_weight,
             logits_weight=hp.logits_weight,
         )
+
+    # ------------------------------------------------------------------ frozen passes
+    def frozen_context(self):
+        """No autograd graph, and reduced precision on GPU, for the teacher passes."""
+        precision = self.hparams.frozen_precision
+        if self.device.type != "cuda" or precision == "fp32":
+            return torch.no_grad()
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.autocast("cuda", dtype=dtype))
+        return stack
 
     # ------------------------------------------------------------------ GPA
     def _ensure_aggregator(self) -> None:
@@ -348,80 +332,12 @@ class PromptSRC(PromptCLIPModule):
             self.aggregator.load_state_dict(checkpoint["gpa"])
 
 
-class IVLP(PromptSRC):
-    """Independent vision-language prompting: PromptSRC's prompts trained with CE only, no GPA."""
-
-    def __init__(
-        self,
-        model_name: str = "ViT-B-16-quickgelu",
-        pretrained: str | None = None,
-        classnames: list[str] | None = None,
-        n_ctx: int = 4,
-        text_depth: int = 9,
-        vision_depth: int = 9,
-        ctx_init: str = "a photo of a",
-        lr: float = 0.0025,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
-    ) -> None:
-        super().__init__(
-            model_name=model_name,
-            pretrained=pretrained,
-            classnames=classnames,
-            n_ctx=n_ctx,
-            text_depth=text_depth,
-            vision_depth=vision_depth,
-            ctx_init=ctx_init,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-            text_weight=0.0,
-            image_weight=0.0,
-            logits_weight=0.0,
-            gpa=False,
-        )
-
-
 class CoOp(PromptCLIPModule):
-    """CoOp: learnable text context only (shared or class-specific), CE loss."""
+    """CoOp: learnable text context only (shared or class-specific), CE loss. Other arguments go to
+    :class:`PromptCLIPModule`."""
 
-    def __init__(
-        self,
-        model_name: str = "ViT-B-16-quickgelu",
-        pretrained: str | None = None,
-        classnames: list[str] | None = None,
-        n_ctx: int = 16,
-        ctx_init: str = "",
-        class_specific: bool = False,
-        lr: float = 0.002,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
-    ) -> None:
-        super().__init__(
-            model_name=model_name,
-            pretrained=pretrained,
-            classnames=classnames,
-            n_ctx=n_ctx,
-            text_depth=1,
-            vision_depth=0,
-            ctx_init=ctx_init,
-            class_specific=class_specific,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-        )
-
-    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        loss = F.cross_entropy(self(images), labels)
-        return {"ce": loss, "loss": loss}
+    def __init__(self, n_ctx: int = 16, ctx_init: str = "", lr: float = 0.002, **kwargs: Any) -> None:
+        super().__init__(n_ctx=n_ctx, ctx_init=ctx_init, lr=lr, text_depth=1, vision_depth=0, **kwargs)
 
 
 class KgCoOp(CoOp):
@@ -429,31 +345,9 @@ class KgCoOp(CoOp):
     ``g_hand`` the frozen text features of the dataset's hand-crafted template."""
 
     def __init__(
-        self,
-        model_name: str = "ViT-B-16-quickgelu",
-        pretrained: str | None = None,
-        classnames: list[str] | None = None,
-        n_ctx: int = 4,
-        ctx_init: str = "a photo of a",
-        lr: float = 0.002,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
-        kg_weight: float = 8.0,
+        self, n_ctx: int = 4, ctx_init: str = "a photo of a", kg_weight: float = 8.0, **kwargs: Any
     ) -> None:
-        super().__init__(
-            model_name=model_name,
-            pretrained=pretrained,
-            classnames=classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-        )
+        super().__init__(n_ctx=n_ctx, ctx_init=ctx_init, **kwargs)
         self.save_hyperparameters()
         self._hand_crafted: dict[tuple, torch.Tensor] = {}
 

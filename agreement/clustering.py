@@ -112,7 +112,9 @@ class DeepClusterV2Clustering(nn.Module):
     ) -> None:
         super().__init__()
         if precision not in PRECISIONS:
-            raise ValueError(f"DeepCluster-V2: k-means precision must be one of {PRECISIONS}, got {precision!r}")
+            raise ValueError(
+                f"DeepCluster-V2: k-means precision must be one of {PRECISIONS}, got {precision!r}"
+            )
         self.dim = dim
         self.prototypes = Prototypes(dim, list(num_prototypes)).requires_grad_(False)
         self.temperature = temperature

@@ -388,6 +388,3 @@ class ZeroShotCLIP(PromptCLIPModule):
 
     def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise RuntimeError("ZeroShotCLIP has nothing to train")
-
-
-METHODS = {"promptsrc": PromptSRC, "ivlp": IVLP, "coop": CoOp, "kgcoop": KgCoOp, "zeroshot": ZeroShotCLIP}

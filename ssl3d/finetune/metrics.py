@@ -15,8 +15,6 @@ from collections.abc import Sequence
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
-METRICS = ("dice", "iou", "dice_3d", "iou_3d", "hd95")
-
 
 def _nanmean(values: torch.Tensor) -> float:
     values = values[~torch.isnan(values)]

@@ -1,5 +1,7 @@
 """Shared clustering and agreement utilities: k-means, Sinkhorn, prototypes, memory banks, agreement losses,
-matching, clustering metrics and kNN evaluation, all correct across processes."""
+matching, clustering metrics and kNN evaluation, all correct across processes; and the infrastructure the method
+packages share: the offline open_clip factory (``agreement.clip``), optional imports (``agreement.optional``) and
+run folders (``agreement.runs``)."""
 
 from agreement import metrics
 from agreement.clustering import DeepClusterV2Clustering, SwAVClustering

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from agreement import dist
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 
 Backend = Literal["torch", "faiss"]
 Init = Literal["k-means++", "greedy-k-means++", "random"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from agreement import dist
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 
 _BACKENDS = ("torch", "faiss")
 

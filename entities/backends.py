@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class DlibEmbedder:
 class OpenClipEmbedder:
     """An open_clip image encoder on face (or scene) crops; L2-normalised embeddings of the model's size.
 
-    ``weights`` is a local file or an already cached open_clip tag, loaded strictly by ``prompts.clip.build_clip``
+    ``weights`` is a local file or an already cached open_clip tag, loaded strictly by ``agreement.clip.build_clip``
     (nothing is downloaded). Without weights the model is randomly initialised, with a warning: useful for
     wiring, not for names. Crops go through the model's own open_clip evaluation preprocessing.
     """
@@ -159,7 +159,7 @@ class OpenClipEmbedder:
         import torch
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
-        from prompts.clip import build_clip
+        from agreement.clip import build_clip
 
         bundle = build_clip(model, pretrained=weights)
         self._torch = torch

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 
 
 class RecordsError(ValueError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 from entities.backends import FaceDetector, FaceEmbedder, crop, make_detector, make_embedder
 from entities.names import Gazetteer, caption_names
 from entities.records import FaceRecords, stack_embeddings

@@ -1,7 +1,7 @@
 """PromptSRC self-regulated prompt tuning of CLIP models (open_clip), with baselines and evaluation protocols."""
 
+from agreement.clip import build_clip
 from prompts.checkpoint import load_prompts, save_prompts
-from prompts.clip import build_clip
 from prompts.data import FewShotDataModule, generate_fewshot, split_base_novel, subsample_classes
 from prompts.gpa import PromptAggregator, gpa_weights
 from prompts.losses import promptsrc_loss, scl_feature_loss, scl_logits_loss

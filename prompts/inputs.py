@@ -68,8 +68,8 @@ def check_run_options(protocol: str, seeds: list[int], shots: list[int], targets
 
 def check_protocol_inputs(config: Any) -> None:
     """Validate everything a protocol reads before it trains: options, weights, prompts and every image it uses."""
+    from agreement.clip import resolve_weights_file
     from prompts.checkpoint import read_prompt_metadata
-    from prompts.clip import resolve_weights_file
 
     protocol = config.protocol
     shots_list = check_run_options(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from prompts.clip import build_clip
+from agreement.clip import build_clip
 from prompts.gpa import PromptAggregator, gpa_weights
 from prompts.losses import kgcoop_loss, promptsrc_loss
 from prompts.model import PromptedCLIP, frozen_text_features

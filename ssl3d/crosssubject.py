@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torchmetrics.functional.classification import multilabel_auroc
 
-from agreement._optional import optional_import
 from agreement.inputs import load_torch_file
+from agreement.optional import optional_import
 from ssl3d.data.datamodule import DEMO_RESOLUTION
 from ssl3d.encoder import SliceEncoder
 from ssl3d.fashion import DatasetNotFoundError, _mean_std

@@ -60,7 +60,7 @@ def _garbage(path: Path, content: bytes = b"definitely not what it claims to be"
 
 def fewshot_cases() -> dict[str, Callable[[Path], Case]]:
     def tiny_weights(tmp_path):
-        from prompts.clip import build_clip
+        from agreement.clip import build_clip
 
         path = tmp_path / "tiny.pt"
         torch.save(build_clip(TINY).model.state_dict(), path)

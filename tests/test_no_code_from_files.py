@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from agreement.clip import build_clip
+from agreement.torchscript import read_torchscript_state_dict
 from entities.cli import main as entities_main
-from prompts.clip import build_clip
 from prompts.fewshot import main as fewshot_main
-from prompts.torchscript import read_torchscript_state_dict
 from ssl3d.finetune.cli import main as finetune_main
 from ssl3d.pretrain import main as pretrain_main
 from tests.finetune.helpers import TINY_BACKBONE, make_encoder, segmentation_args, write_datalist
@@ -246,7 +246,7 @@ def test_fewshot_script_refuses_a_torchscript_payload_with_one_last_line(tmp_pat
         timeout=300,
     )
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1 and last.startswith("prompts.torchscript.TorchScriptArchiveError: "), last
+    assert result.returncode == 1 and last.startswith("agreement.torchscript.TorchScriptArchiveError: "), last
     assert str(archive) in last
     assert not (tmp_path / "marker").exists()
     assert complete_outputs(tmp_path / "run") == []

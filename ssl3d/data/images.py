@@ -11,7 +11,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from tqdm.auto import tqdm
 
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 
 
 def load_image(path: str | Path, percentiles: Sequence[float] = (0.5, 99.5)) -> torch.Tensor:

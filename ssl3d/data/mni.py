@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 
 TISSUE_NAMES = ("background", "grey matter", "white matter", "other brain")
 

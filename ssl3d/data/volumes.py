@@ -31,7 +31,7 @@ from monai.transforms import (
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from tqdm.auto import tqdm
 
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 from ssl3d.data.sources import volume_kind
 
 

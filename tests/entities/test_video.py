@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from agreement._optional import optional_import
+from agreement.optional import optional_import
 from entities.backends import (
     DlibDetector,
     DlibEmbedder,
@@ -110,7 +110,7 @@ def tiny_clip_weights(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from prompts.clip import build_clip
+    from agreement.clip import build_clip
 
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):

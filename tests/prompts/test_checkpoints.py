@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from agreement.clip import build_clip, check_model_name
 from prompts.checkpoint import load_prompts, save_prompts
-from prompts.clip import build_clip, check_model_name
 from prompts.model import PromptedCLIP
 from prompts.module import PromptSRC
 from tests.prompts.tiny import NAMES, TINY

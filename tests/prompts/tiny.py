@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from prompts.clip import build_clip
+from agreement.clip import build_clip
 
 TINY = "prompts-tiny-vit"
 NAMES = ["cat", "dog", "red car", "tree", "boat"]

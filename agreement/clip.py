@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from agreement.inputs import first_line, load_torch_file
-from prompts.torchscript import is_torchscript_archive, read_torchscript_state_dict
+from agreement.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A CLIP state dict from a safetensors file, a plain/nested torch file or an OpenAI TorchScript archive.
 
     Nothing in the file can run: torch files are read with ``weights_only=True`` and TorchScript archives by
-    :func:`prompts.torchscript.read_torchscript_state_dict`, which takes their tensors and never their code.
+    :func:`agreement.torchscript.read_torchscript_state_dict`, which takes their tensors and never their code.
     """
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{path}: CLIP weights file is not readable (permissions)")

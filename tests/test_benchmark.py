@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.ssl3d import run_cuda_extras
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 # One thread: on a CPU shared with other jobs, tiny parallel ops otherwise wait on descheduled workers.
 QUICK = ["--quick", "--threads", "1"]
@@ -93,12 +95,12 @@ def test_cuda_without_a_gpu_is_a_clear_error(benchmark, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_gpu_measurements_run_on_cpu_at_quick_sizes(benchmark):
+def test_gpu_measurements_run_on_cpu_at_quick_sizes():
     # --device cuda cannot run without a GPU, but its code has nothing CUDA-specific: exercise it here.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = benchmark.run_cuda_extras(True, torch.device("cpu"))
+        result = run_cuda_extras(True, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     step, encoder = result["paper_step_bf16"], result["slice_encoder"]

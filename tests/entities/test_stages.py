@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from agreement.kmeans import inertia
-from entities.benchmark import scale_episode
+from benchmarks.entities import scale_episode
 from entities.evaluation import official_stages
 from entities.metrics import evaluate
 from entities.names import Gazetteer

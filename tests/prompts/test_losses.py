@@ -87,7 +87,7 @@ def test_feature_loss_normalises_and_kgcoop_term():
 
 
 def test_frozen_passes_keep_no_autograd_graph():
-    from prompts.benchmark import _saved_bytes
+    from benchmarks.prompts import _saved_bytes
     from prompts.module import IVLP, PromptSRC
     from tests.prompts.tiny import NAMES, TINY
 

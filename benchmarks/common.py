@@ -225,3 +225,10 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    return (
+        f"torch {env['torch']}, {env['torch_threads']} threads, CPU: {env['cpu']} ({env['cpu_count']} usable), "
+        f"load average at start {env['load_average_1_5_15_min']}, at end {env['load_average_at_end']}"
+    )

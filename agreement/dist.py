@@ -64,29 +64,3 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world)]
     torch_dist.all_gather(gathered, padded.contiguous())
     return torch.cat([g[:n] for g, n in zip(gathered, sizes_list)], dim=0)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather whose backward sends every rank the gradient of its own slice, summed over ranks."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.local_size = tensor.shape[0]
-        ctx.rank = get_rank()
-        gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
-        torch_dist.all_gather(gathered, tensor.contiguous())
-        return torch.cat(gathered, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad_output.contiguous().clone()
-        torch_dist.all_reduce(grad)
-        start = ctx.rank * ctx.local_size
-        return grad[start : start + ctx.local_size]
-
-
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 that keeps the autograd graph; every rank must pass the same shape."""
-    if not is_distributed():
-        return tensor
-    return _GatherWithGrad.apply(tensor)

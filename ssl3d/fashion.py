@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from agreement.knn import weighted_knn_predict
+from agreement.knn import knn_accuracy
 from ssl3d.data.datasets import SeededSampler, _split_key
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
@@ -380,10 +380,7 @@ def knn_accuracy_of(encoder: SliceEncoder, data: dict[str, torch.Tensor], k: int
     recalibrate_batchnorm(encoder.backbone, data["recalibrate"])
     train = pooled_features(encoder, data["train_images"])
     test = pooled_features(encoder, data["test_images"])
-    predicted, _ = weighted_knn_predict(
-        train, data["train_labels"], test, num_classes=data["num_classes"], k=k
-    )
-    return float((predicted == data["test_labels"]).float().mean())
+    return knn_accuracy(train, data["train_labels"], test, data["test_labels"], data["num_classes"], k=k)
 
 
 def pretrain_2d(

@@ -27,6 +27,13 @@ from prompts.templates import PROMPTSRC_TEMPLATES, dataset_template
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX), not by emulation."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
 def cosine_with_warmup(epoch: int, max_epochs: int, warmup_epochs: int, warmup_factor: float) -> float:
     """LR factor of epoch ``epoch`` (0-based): constant ``warmup_factor`` during warm-up, then
     ``(1 + cos(pi * (epoch - warmup) / max_epochs)) / 2``."""
@@ -201,7 +208,8 @@ class PromptSRC(IVLP):
     ``g`` the 60-template mean of frozen text features (cached per class list) and ``f``/``z`` from the same CLIP
     model without prompts. GPA averages the prompts after each epoch with Gaussian weights over epochs
     1..``gpa_epochs`` (default ``max_epochs``) and loads the aggregate at the end of training.
-    ``frozen_precision``: precision of the frozen teacher passes on GPU (``"auto"``: bf16 where supported).
+    ``frozen_precision``: precision of the frozen teacher passes (``"auto"``: bf16 where the GPU or CPU computes
+    it natively; see ``frozen_context``).
     Other arguments go to :class:`PromptCLIPModule`.
     """
 
@@ -267,16 +275,24 @@ class PromptSRC(IVLP):
 
     # ------------------------------------------------------------------ frozen passes
     def frozen_context(self):
-        """No autograd graph, and reduced precision on GPU, for the teacher passes."""
+        """No autograd graph, and reduced precision where the hardware computes it natively, for the teacher
+        passes: ``"auto"`` is bf16 on GPUs that support it (fp16 otherwise) and on CPUs with bfloat16 matrix
+        instructions (AVX512-BF16 or AMX; fp32 otherwise). The teacher features are targets of L1 and KL terms,
+        so bf16's 3 significant digits are far below what the terms measure."""
         precision = self.hparams.frozen_precision
-        if self.device.type != "cuda" or precision == "fp32":
-            return torch.no_grad()
+        device = self.device.type
         if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            if device == "cuda":
+                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            else:
+                precision = "bf16" if device == "cpu" and native_cpu_bf16() else "fp32"
+        if precision == "fp32" or device not in ("cuda", "cpu"):
+            return torch.no_grad()
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
-        stack.enter_context(torch.autocast("cuda", dtype=dtype))
+        stack.enter_context(
+            torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        )
         return stack
 
     # ------------------------------------------------------------------ GPA

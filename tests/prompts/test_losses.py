@@ -99,3 +99,35 @@ def test_frozen_passes_keep_no_autograd_graph():
     )
     # the regularisers only add their (B x C, C x D, B x D) loss inputs, not a second tower's activations
     assert ivlp < src < ivlp * 1.02
+
+
+@pytest.mark.parametrize(
+    ("precision", "native", "expected"),
+    [
+        ("fp32", True, None),
+        ("bf16", False, torch.bfloat16),
+        ("auto", True, torch.bfloat16),
+        ("auto", False, None),
+    ],
+)
+def test_frozen_teacher_pass_precision_on_cpu(monkeypatch, precision, native, expected):
+    from prompts import module as prompt_module
+    from prompts.module import PromptSRC
+    from tests.prompts.tiny import NAMES, TINY
+
+    monkeypatch.setattr(prompt_module, "native_cpu_bf16", lambda: native)
+    model = PromptSRC(
+        model_name=TINY, classnames=NAMES, text_depth=2, vision_depth=2, frozen_precision=precision
+    )
+    images = torch.rand(4, 3, 32, 32)
+    with model.frozen_context():
+        assert not torch.is_grad_enabled()
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        teacher = model.model.clip.encode_image(images).float()
+    assert dtype == expected
+    with torch.no_grad():
+        exact = model.model.clip.encode_image(images).float()
+    if expected is None:
+        torch.testing.assert_close(teacher, exact)
+    else:  # bf16 teacher features: the same direction to a few parts in a thousand
+        assert float(F.cosine_similarity(teacher, exact).min()) > 0.995

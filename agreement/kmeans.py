@@ -65,40 +65,6 @@ def _prepare(x: torch.Tensor, spherical: bool) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1) if spherical else x.contiguous()
 
 
-def _nearest(
-    x: torch.Tensor,
-    centroids: torch.Tensor,
-    spherical: bool,
-    chunk_size: int,
-    point_sq: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest centroid and the squared Euclidean distance to it, chunked over points.
-
-    ``point_sq`` (n,) are the points' squared norms when the caller has them (computed per chunk otherwise).
-    """
-    assignments = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    centroid_sq = (centroids * centroids).sum(1)
-    # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c. Scaling by -2 is exact, and a
-    # product written into one reused block and then shifted in place is faster than addmm, which first copies
-    # the broadcast ||c||^2 into every fresh output block.
-    scaled = (-2.0 * centroids).T.contiguous()
-    block = torch.empty(min(chunk_size, x.shape[0]), centroids.shape[0], dtype=x.dtype, device=x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        chunk = x[start : start + chunk_size]
-        partial = torch.mm(chunk, scaled, out=block[: chunk.shape[0]])
-        best, index = partial.add_(centroid_sq).min(dim=1)
-        assignments[start : start + chunk_size] = index
-        if spherical:
-            chunk_sq: torch.Tensor | float = 1.0
-        elif point_sq is not None:
-            chunk_sq = point_sq[start : start + chunk_size]
-        else:
-            chunk_sq = (chunk * chunk).sum(1)
-        distances[start : start + chunk_size] = (best + chunk_sq).clamp_min_(0)
-    return assignments, distances
-
-
 def assignment_error_bound(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """(n,) bound on how far the bfloat16 assignment score ``||c||^2 - 2 x.c`` of any centroid can be from its
     exact value, per point: two scores closer than twice this may swap, farther apart they cannot.
@@ -137,32 +103,42 @@ class _LowPrecisionPoints:
         return columns.to(torch.bfloat16)
 
 
-def _nearest_low_precision(
+def _nearest(
     x: torch.Tensor,
-    low: _LowPrecisionPoints,
     centroids: torch.Tensor,
     spherical: bool,
     chunk_size: int,
-    point_sq: torch.Tensor | None,
+    point_sq: torch.Tensor | None = None,
+    low: _LowPrecisionPoints | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_nearest`` with bfloat16 scores: the same index wherever the best score leads the second by more than
-    twice ``assignment_error_bound``; the distance is that of the chosen centroid, to bfloat16 accuracy."""
+    """Index of the nearest centroid and the squared Euclidean distance to it, chunked over points.
+
+    ``point_sq`` (n,) are the points' squared norms when the caller has them (computed per chunk otherwise).
+    With ``low`` (the points in bfloat16), the scores come from one bfloat16 GEMM: the same index wherever the best
+    score leads the second by more than twice ``assignment_error_bound``, the distance to bfloat16 accuracy.
+    """
     assignments = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    columns = low.centroid_columns(centroids)
-    block = torch.empty(
-        min(chunk_size, x.shape[0]), centroids.shape[0], dtype=torch.bfloat16, device=x.device
-    )
+    if low is None:
+        # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c. Scaling by -2 is exact, and a
+        # product written into one reused block and then shifted in place is faster than addmm, which first
+        # copies the broadcast ||c||^2 into every fresh output block.
+        centroid_sq = (centroids * centroids).sum(1)
+        points, columns = x, (-2.0 * centroids).T.contiguous()
+    else:
+        points, columns = low.points, low.centroid_columns(centroids)
+    block = torch.empty(min(chunk_size, x.shape[0]), centroids.shape[0], dtype=points.dtype, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
-        chunk = low.points[start : start + chunk_size]
-        best, index = torch.mm(chunk, columns, out=block[: chunk.shape[0]]).min(dim=1)
+        chunk = x[start : start + chunk_size]
+        scores = torch.mm(points[start : start + chunk_size], columns, out=block[: chunk.shape[0]])
+        best, index = (scores if low is not None else scores.add_(centroid_sq)).min(dim=1)
         assignments[start : start + chunk_size] = index
         if spherical:
             chunk_sq: torch.Tensor | float = 1.0
         elif point_sq is not None:
             chunk_sq = point_sq[start : start + chunk_size]
         else:
-            chunk_sq = (x[start : start + chunk_size] ** 2).sum(1)
+            chunk_sq = (chunk * chunk).sum(1)
         distances[start : start + chunk_size] = (best.float() + chunk_sq).clamp_min_(0)
     return assignments, distances
 
@@ -296,9 +272,7 @@ def _kmeans_torch(
     low = _LowPrecisionPoints(x) if precision == "bfloat16" else None
 
     def nearest(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if low is None:
-            return _nearest(x, centroids, spherical, chunk_size, point_sq)
-        return _nearest_low_precision(x, low, centroids, spherical, chunk_size, point_sq)
+        return _nearest(x, centroids, spherical, chunk_size, point_sq, low)
 
     previous: torch.Tensor | None = None
     for _ in range(iterations):

@@ -119,7 +119,7 @@ def test_bfloat16_assignment_is_the_exact_one_outside_the_error_bound(spherical)
     assert clear.float().mean() > 0.5  # most points are covered by the guarantee
     low = kmeans_module._LowPrecisionPoints(x)
     for chunk_size in (7, 4096):
-        index, distance = kmeans_module._nearest_low_precision(x, low, centroids, spherical, chunk_size, None)
+        index, distance = kmeans_module._nearest(x, centroids, spherical, chunk_size, low=low)
         assert torch.equal(index[clear], expected[clear, 0])
         exact_distance = ((x.double() - centroids.double()[index]) ** 2).sum(1)
         bound = kmeans_module.assignment_error_bound(x, centroids).double()

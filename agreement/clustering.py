@@ -1,7 +1,8 @@
 """Clustering agreement objectives as small modules: SwAV (online, Sinkhorn) and DeepCluster-V2 (offline k-means).
 
-Both take the L2-normalised embeddings of several views of the same samples and return one loss; a method wires
-one of them onto whatever embedding it wants to cluster (2D slices, volumes, faces).
+Both are :class:`ClusteringHead`s: one call shape, ``head(views, index) -> loss`` on the L2-normalised embeddings
+of several views of the same samples, and the same hooks for the training loop; a method wires one of them onto
+whatever embedding it wants to cluster (2D slices, volumes, faces) without knowing which it is.
 """
 
 from __future__ import annotations
@@ -20,7 +21,43 @@ from agreement.prototypes import Prototypes
 from agreement.sinkhorn import sinkhorn
 
 
-class SwAVClustering(nn.Module):
+class ClusteringHead(nn.Module):
+    """The contract of a clustering agreement head, and the training loop's hooks (no-ops unless a head needs them).
+
+    - ``forward(views, index)``: ``views`` are ``num_views`` tensors (B, dim) of L2-normalised embeddings of the
+      samples with global indices ``index`` (B,); returns the loss.
+    - ``allocate(size)``: size per-sample state for a dataset of ``size`` samples, before training.
+    - ``memory``: the head's memory bank, if it keeps one; the loop fills it before the first step.
+    - ``on_epoch_start(epoch, seed)``, ``before_step()``, ``after_backward(step)``: called at those points.
+    - ``cluster_assignments()``: current hard assignments per head (empty when the head keeps none).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # An instance attribute, not a class one: nn.Module keeps a later MemoryBank in _modules, which a class
+        # attribute would shadow.
+        self.memory: MemoryBank | None = None
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def allocate(self, size: int) -> None:
+        """Nothing to size unless the head keeps per-sample state."""
+
+    def on_epoch_start(self, epoch: int, seed: int) -> None:
+        """Nothing to do unless the head changes at epoch boundaries."""
+
+    def before_step(self) -> None:
+        """Nothing to do before the step unless the head constrains its parameters."""
+
+    def after_backward(self, step: int) -> None:
+        """Nothing to do after backward unless the head gates its gradients."""
+
+    def cluster_assignments(self) -> list[torch.Tensor]:
+        return []
+
+
+class SwAVClustering(ClusteringHead):
     """Swapped prediction of Sinkhorn codes between views, with optional per-process queue and frozen prototypes.
 
     Args:
@@ -29,6 +66,7 @@ class SwAVClustering(nn.Module):
         temperature: softmax temperature of the predictions (0.1).
         epsilon, sinkhorn_iterations: Sinkhorn-Knopp settings (0.05, 3).
         queue_length: embeddings per view kept from past batches to enlarge the batch Sinkhorn sees (0 = none).
+        queue_start_epoch: first epoch whose Sinkhorn uses the queue (once it is full).
         freeze_steps: optimizer steps during which the prototypes get no gradient.
         num_views: views per sample.
     """
@@ -41,26 +79,30 @@ class SwAVClustering(nn.Module):
         epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
         queue_length: int = 0,
+        queue_start_epoch: int = 0,
         freeze_steps: int = 0,
         num_views: int = 2,
     ) -> None:
         super().__init__()
         self.prototypes = Prototypes(dim, list(num_prototypes), freeze_steps=freeze_steps)
+        self.queue_start_epoch = queue_start_epoch
+        self.epoch = 0
         self.temperature = temperature
         self.epsilon = epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
         self.num_views = num_views
         self.queue = FeatureQueue(queue_length, dim, num_views) if queue_length > 0 else None
 
-    def forward(self, views: list[torch.Tensor], use_queue: bool = True) -> torch.Tensor:
-        """``views``: ``num_views`` tensors (B, dim) of L2-normalised embeddings; returns the loss."""
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
+        """``views``: ``num_views`` tensors (B, dim) of L2-normalised embeddings; returns the loss (``index`` is
+        not needed: the codes come from the batch and the queue)."""
         if len(views) != self.num_views:
             raise ValueError(f"SwAVClustering: expected {self.num_views} views, got {len(views)}")
         batch = views[0].shape[0]
         scores = [self.prototypes(z) for z in views]  # [view][head] -> (B, K_h)
         queued = (
             [self.prototypes(self.queue.get(v).to(views[v].dtype)) for v in range(self.num_views)]
-            if self.queue is not None and use_queue and self.queue.is_full
+            if self.queue is not None and self.epoch >= self.queue_start_epoch and self.queue.is_full
             else None
         )
         losses = []
@@ -76,6 +118,9 @@ class SwAVClustering(nn.Module):
             self.queue.enqueue([z.detach() for z in views])
         return torch.stack(losses).mean()
 
+    def on_epoch_start(self, epoch: int, seed: int) -> None:
+        self.epoch = epoch
+
     @torch.no_grad()
     def before_step(self) -> None:
         """Keep prototypes on the unit sphere (SwAV renormalises before every step)."""
@@ -84,11 +129,8 @@ class SwAVClustering(nn.Module):
     def after_backward(self, step: int) -> None:
         self.prototypes.zero_grad_if_frozen(step)
 
-    def cluster_assignments(self) -> list[torch.Tensor]:
-        return []
 
-
-class DeepClusterV2Clustering(nn.Module):
+class DeepClusterV2Clustering(ClusteringHead):
     """Cross entropy to per-sample k-means assignments that are recomputed from a memory bank at each epoch start.
 
     The memory bank and the assignment table are indexed by global sample index and sized by :meth:`allocate`
@@ -122,7 +164,6 @@ class DeepClusterV2Clustering(nn.Module):
         self.num_views = num_views
         self.backend = backend
         self.precision = precision
-        self.memory: MemoryBank | None = None
         self.register_buffer("assignments", torch.full((len(num_prototypes), 0), -1, dtype=torch.long))
         # The epoch whose k-means produced the current assignments: a run resumed within that epoch keeps them.
         self.register_buffer("clustered_epoch", torch.tensor(-1, dtype=torch.long))
@@ -154,8 +195,12 @@ class DeepClusterV2Clustering(nn.Module):
             state_dict.setdefault(prefix + "clustered_epoch", torch.tensor(-1, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
         """``views``: ``num_views`` tensors (B, dim) of L2-normalised embeddings of the samples ``index``."""
+        if index is None:
+            raise ValueError(
+                "DeepClusterV2Clustering needs the samples' global indices (its memory is keyed by them)"
+            )
         if self.memory is None:
             raise RuntimeError(
                 "DeepClusterV2Clustering.allocate(dataset_size) must be called before training"
@@ -206,11 +251,8 @@ class DeepClusterV2Clustering(nn.Module):
             self.assignments[head].fill_(-1)
             self.assignments[head, indices] = dist.all_gather(local.to(self.assignments.device))
 
-    def before_step(self) -> None:
-        """Nothing to do: the prototypes are the centroids of the last k-means."""
-
-    def after_backward(self, step: int) -> None:
-        """Nothing to do: DeepCluster-V2 never freezes its prototypes."""
+    def on_epoch_start(self, epoch: int, seed: int) -> None:
+        self.recluster(seed, epoch=epoch)
 
     def cluster_assignments(self) -> list[torch.Tensor]:
         return [row[row >= 0] for row in self.assignments]

@@ -302,6 +302,11 @@ class CheckConfig:
 
     def model_kwargs(self, clustering: str, seed: int) -> dict[str, Any]:
         heads = self.heads_deepcluster if clustering == "deepcluster" else 1
+        swav = dict(
+            freeze_prototypes_steps=self.freeze_prototypes_steps,
+            queue_length=self.swav_queue_length,
+            queue_start_epoch=self.queue_start_epoch,
+        )
         return dict(
             backbone=self.backbone,
             multi_level=False,
@@ -316,9 +321,6 @@ class CheckConfig:
             prototypes_3d=[1],
             projection_hidden=self.projection_hidden,
             projection_dim=self.projection_dim,
-            freeze_prototypes_steps=self.freeze_prototypes_steps,
-            queue_length=self.swav_queue_length if clustering == "swav" else 0,
-            queue_start_epoch=self.queue_start_epoch,
             lambda_inter=0.0,
             lambda_mask=0.0,
             optimizer=self.optimizer,
@@ -326,6 +328,7 @@ class CheckConfig:
             lr_reference_batch=self.lr_reference_batch,
             warmup_epochs=self.warmup_epochs,
             seed=seed,
+            **(swav if clustering == "swav" else {}),
         )
 
 

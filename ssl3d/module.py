@@ -15,6 +15,7 @@ encoder frozen, then 3D only), by the epoch boundaries in ``curriculum_epochs``.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from agreement.clustering import DeepClusterV2Clustering, SwAVClustering
+from agreement.clustering import ClusteringHead, DeepClusterV2Clustering, SwAVClustering
 from agreement.losses import masked_embedding_regression
 from agreement.prototypes import ProjectionHead
 from ssl3d.attention import MaskedSliceModel, SliceTransformer, random_slice_mask
@@ -31,6 +32,20 @@ from ssl3d.optim import WarmupCosineSchedule, build_optimizer, parameter_groups,
 from ssl3d.rng import rng_state, set_rng_state
 
 Clustering = Literal["swav", "deepcluster"]
+
+
+# The settings only one clustering head uses: setting them for the other head is an error, not a silent no-op.
+HEAD_SETTINGS = {
+    "swav": (
+        "epsilon",
+        "sinkhorn_iterations",
+        "queue_length",
+        "queue_length_3d",
+        "queue_start_epoch",
+        "freeze_prototypes_steps",
+    ),
+    "deepcluster": ("kmeans_iterations", "kmeans_backend", "kmeans_precision"),
+}
 
 
 class JointSSL(pl.LightningModule):
@@ -46,7 +61,8 @@ class JointSSL(pl.LightningModule):
         attention_layout: ``"slices"`` (slices are the tokens, the paper's meaning) or ``"code"`` (the official
             code's layout, slices as channels).
         downsample_factor, offset_scale, offset_kernel_size: deformable attention settings (4, 2, 6).
-        clustering: ``"swav"`` or ``"deepcluster"`` for both L_intra and L_inter.
+        clustering: ``"swav"`` or ``"deepcluster"`` for both L_intra and L_inter; setting another head's
+            settings (``HEAD_SETTINGS``, e.g. ``queue_length`` with DeepCluster-V2) is an error.
         prototypes_2d, prototypes_3d: clusters per head for the 2D and 3D agreement.
         projection_hidden, projection_dim: the 2D projection head (SwAV/DeepCluster-V2 use 2048 and 128).
         temperature, epsilon, sinkhorn_iterations: SwAV/DeepCluster-V2 settings (0.1, 0.05, 3).
@@ -142,12 +158,30 @@ class JointSSL(pl.LightningModule):
         )
         self.masked_model = MaskedSliceModel(self.transformer, d_model)
         self.projection_2d = ProjectionHead(d_model, projection_hidden, projection_dim)
+        self._check_head_settings()
         self.clustering_2d = self._make_clustering(projection_dim, prototypes_2d, queue_length)
         self.clustering_3d = self._make_clustering(d_model, prototypes_3d, queue_length_3d)
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
 
-    def _make_clustering(self, dim: int, prototypes: list[int], queue_length: int) -> nn.Module:
+    def _check_head_settings(self) -> None:
+        """A setting of the other clustering head would be accepted and ignored: refuse it instead."""
+        hp = self.hparams
+        if hp.clustering not in HEAD_SETTINGS:
+            raise ValueError(f"clustering must be 'swav' or 'deepcluster', got {hp.clustering!r}")
+        defaults = inspect.signature(JointSSL.__init__).parameters
+        other = "deepcluster" if hp.clustering == "swav" else "swav"
+        ignored = [name for name in HEAD_SETTINGS[other] if hp[name] != defaults[name].default]
+        if ignored:
+            given = ", ".join(f"{name}={hp[name]!r}" for name in ignored)
+            default = ", ".join(f"{name}={defaults[name].default!r}" for name in ignored)
+            raise ValueError(
+                f"{given}: {'SwAV' if other == 'swav' else 'DeepCluster-V2'} settings, which "
+                f"clustering={hp.clustering!r} does not use; remove them (from the config too) or give their "
+                f"defaults ({default}), or set clustering={other!r}"
+            )
+
+    def _make_clustering(self, dim: int, prototypes: list[int], queue_length: int) -> ClusteringHead:
         hp = self.hparams
         if hp.clustering == "swav":
             return SwAVClustering(
@@ -157,6 +191,7 @@ class JointSSL(pl.LightningModule):
                 epsilon=hp.epsilon,
                 sinkhorn_iterations=hp.sinkhorn_iterations,
                 queue_length=queue_length,
+                queue_start_epoch=hp.queue_start_epoch,
                 freeze_steps=hp.freeze_prototypes_steps,
             )
         if hp.clustering == "deepcluster":
@@ -170,16 +205,19 @@ class JointSSL(pl.LightningModule):
             )
         raise ValueError(f"clustering must be 'swav' or 'deepcluster', got {hp.clustering!r}")
 
+    @property
+    def heads(self) -> tuple[ClusteringHead, ClusteringHead]:
+        """The 2D (slice) and 3D (volume) clustering heads."""
+        return self.clustering_2d, self.clustering_3d
+
     # ----------------------------------------------------------------------------------------------- wiring
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.clustering == "deepcluster":
+        if stage == "fit":
             datamodule = self.trainer.datamodule
-            for clustering, size in (
-                (self.clustering_2d, datamodule.num_slice_samples),
-                (self.clustering_3d, datamodule.num_volume_samples),
-            ):
+            sizes = (datamodule.num_slice_samples, datamodule.num_volume_samples)
+            for head, size in zip(self.heads, sizes):
                 if size:  # a branch without data (e.g. 2D images only) has nothing to remember
-                    clustering.allocate(size)
+                    head.allocate(size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_state"] = rng_state()
@@ -219,10 +257,8 @@ class JointSSL(pl.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- training
     def on_train_start(self) -> None:
-        if self.hparams.clustering != "deepcluster":
-            return
-        banks = [c.memory for c in (self.clustering_2d, self.clustering_3d) if c.memory is not None]
-        if not any(bank.num_filled for bank in banks):  # a resumed run has its banks from the checkpoint
+        banks = [head.memory for head in self.heads if head.memory is not None]
+        if banks and not any(bank.num_filled for bank in banks):  # a resumed run has its banks already
             self.init_memory()
 
     @torch.no_grad()
@@ -237,8 +273,10 @@ class JointSSL(pl.LightningModule):
         loaders = loaders if isinstance(loaders, dict) else {"slices": loaders}
         self.encoder.train(not self.encoder_frozen(self.current_epoch))
         with self.trainer.precision_plugin.forward_context():
-            for key, clustering in (("slices", self.clustering_2d), ("volumes", self.clustering_3d)):
-                for batch in _sampler_copy(loaders[key]) if key in loaders else []:
+            for key, head in zip(("slices", "volumes"), self.heads):
+                if head.memory is None or key not in loaders:
+                    continue
+                for batch in _sampler_copy(loaders[key]):
                     batch = self._on_device(batch)
                     if key == "slices":
                         views = self._slice_views(batch)
@@ -246,25 +284,23 @@ class JointSSL(pl.LightningModule):
                         size = batch["view1"].shape[0]
                         tokens = self.slice_tokens(torch.cat([batch["view1"], batch["view2"]]))
                         views = list(self.transformer.volume_embedding(tokens).split(size))
-                    clustering.memory.update(batch["index"], [v.float() for v in views])
+                    head.memory.update(batch["index"], [v.float() for v in views])
 
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def on_train_epoch_start(self) -> None:
-        if self.hparams.clustering == "deepcluster":
-            seed = self.hparams.seed + 1000 * self.current_epoch
-            self.clustering_2d.recluster(seed, epoch=self.current_epoch)
-            self.clustering_3d.recluster(seed + 500, epoch=self.current_epoch)
+        seed = self.hparams.seed + 1000 * self.current_epoch
+        for head, head_seed in zip(self.heads, (seed, seed + 500)):
+            head.on_epoch_start(self.current_epoch, head_seed)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        step = self.global_step
-        self.clustering_2d.after_backward(step)
-        self.clustering_3d.after_backward(step)
+        for head in self.heads:
+            head.after_backward(self.global_step)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.clustering_2d.before_step()
-        self.clustering_3d.before_step()
+        for head in self.heads:
+            head.before_step()
         # A frozen encoder (the curriculum's mask stage) must not drift its BatchNorm statistics either.
         self.encoder.train(not self.encoder_frozen(self.current_epoch))
 
@@ -281,14 +317,7 @@ class JointSSL(pl.LightningModule):
         return list(z.split(batch))
 
     def _intra_loss(self, slices: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._agreement(self.clustering_2d, self._slice_views(slices), slices["index"])
-
-    def _agreement(
-        self, clustering: nn.Module, views: list[torch.Tensor], index: torch.Tensor
-    ) -> torch.Tensor:
-        if isinstance(clustering, SwAVClustering):
-            return clustering(views, use_queue=self.current_epoch >= self.hparams.queue_start_epoch)
-        return clustering(views, index)
+        return self.clustering_2d(self._slice_views(slices), slices["index"])
 
     def _volume_losses(
         self, volumes: dict[str, torch.Tensor], need_inter: bool, need_mask: bool
@@ -300,7 +329,7 @@ class JointSSL(pl.LightningModule):
         inter = mask_loss = None
         if need_inter:
             z = self.transformer.volume_embedding(tokens)
-            inter = self._agreement(self.clustering_3d, list(z.split(batch)), volumes["index"])
+            inter = self.clustering_3d(list(z.split(batch)), volumes["index"])
         if need_mask:
             # The same slices are masked in both views of a volume, as in the official code.
             mask = random_slice_mask(batch, slices, self.hparams.mask_ratio, device=tokens.device).repeat(
@@ -334,7 +363,7 @@ class JointSSL(pl.LightningModule):
 
     def cluster_assignments(self) -> list[torch.Tensor]:
         """Current k-means assignments per head (2D heads first); empty for SwAV."""
-        return self.clustering_2d.cluster_assignments() + self.clustering_3d.cluster_assignments()
+        return [assignment for head in self.heads for assignment in head.cluster_assignments()]
 
     # --------------------------------------------------------------------------------------------- optimiser
     def global_batch_size(self) -> int:

@@ -8,7 +8,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from agreement import clustering as clustering_module
 from agreement.runs import ExactResume
 from ssl3d.module import JointSSL
-from tests.ssl3d.tiny import TINY_MODEL, TinyDataModule
+from tests.ssl3d.tiny import TINY_MODEL, TINY_SWAV, TinyDataModule
 
 
 class StepLosses(pl.Callback):
@@ -48,7 +48,7 @@ def make_trainer(tmp_path, max_epochs, callbacks=(), **kwargs):
 @pytest.mark.parametrize("clustering", ["swav", "deepcluster"])
 def test_trains_and_all_losses_are_finite(tmp_path, clustering):
     pl.seed_everything(0)
-    model = JointSSL(clustering=clustering, **TINY_MODEL)
+    model = JointSSL(clustering=clustering, **TINY_MODEL, **(TINY_SWAV if clustering == "swav" else {}))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recorder = StepLosses()
     trainer = make_trainer(tmp_path, 2, [recorder], enable_checkpointing=False)
@@ -117,7 +117,9 @@ def test_mask_stage_leaves_the_encoder_frozen(tmp_path):
     assert not torch.equal(model.masked_model.mask_token, token_before)
 
 
-@pytest.mark.parametrize(("clustering", "extra"), [("deepcluster", {}), ("swav", {"queue_length": 12})])
+@pytest.mark.parametrize(
+    ("clustering", "extra"), [("deepcluster", {}), ("swav", {**TINY_SWAV, "queue_length": 12})]
+)
 def test_resume_reaches_the_same_losses(tmp_path, clustering, extra):
     config = {**TINY_MODEL, **extra, "clustering": clustering}
     pl.seed_everything(0)
@@ -185,3 +187,43 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     # Every sample was written to the bank although each rank only saw half of them.
     assert model.clustering_2d.memory.fill_fraction == 1.0
+
+
+@pytest.mark.parametrize(
+    ("clustering", "setting", "message"),
+    [
+        ("deepcluster", {"queue_length": 64}, "queue_length=64: SwAV settings"),
+        ("deepcluster", {"freeze_prototypes_steps": 5}, "freeze_prototypes_steps=5: SwAV settings"),
+        ("swav", {"kmeans_iterations": 3}, "kmeans_iterations=3: DeepCluster-V2 settings"),
+    ],
+)
+def test_settings_of_the_other_head_are_refused(clustering, setting, message):
+    with pytest.raises(ValueError, match=message):
+        JointSSL(clustering=clustering, **TINY_MODEL, **setting)
+
+
+def test_both_heads_share_one_call_shape_and_the_swav_queue_starts_at_its_epoch():
+    from agreement.clustering import ClusteringHead, DeepClusterV2Clustering, SwAVClustering
+
+    views = [torch.nn.functional.normalize(torch.randn(4, 8), dim=1) for _ in range(2)]
+    index = torch.arange(4)
+    swav = SwAVClustering(8, [5], queue_length=8, queue_start_epoch=1)
+    deepcluster = DeepClusterV2Clustering(8, [3])
+    deepcluster.allocate(8)
+    for head in (swav, deepcluster):
+        assert isinstance(head, ClusteringHead)
+        head.on_epoch_start(0, seed=0)
+        assert torch.isfinite(head(views, index))
+    swav(views, index)  # the queue is full now, but epoch 0 does not use it
+    used = []
+    sinkhorn = clustering_module.sinkhorn
+    clustering_module.sinkhorn = lambda scores, *a: used.append(scores.shape[0]) or sinkhorn(scores, *a)
+    try:
+        swav(views, index)
+        swav.on_epoch_start(1, seed=0)
+        swav(views, index)
+    finally:
+        clustering_module.sinkhorn = sinkhorn
+    assert used == [4, 4, 12, 12]  # the batch alone, then the 8 queued embeddings before it
+    with pytest.raises(ValueError, match="needs the samples' global indices"):
+        deepcluster(views)

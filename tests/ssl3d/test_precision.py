@@ -8,7 +8,7 @@ import torch
 
 from ssl3d.module import JointSSL
 from tests.ssl3d.test_module import StepLosses, make_trainer
-from tests.ssl3d.tiny import TINY_MODEL, TinyDataModule
+from tests.ssl3d.tiny import TINY_MODEL, TINY_SWAV, TinyDataModule
 
 
 class InputLayouts(pl.Callback):
@@ -31,7 +31,7 @@ class InputLayouts(pl.Callback):
 
 def train(tmp_path, steps=3, precision="32-true", **options):
     pl.seed_everything(0)
-    model = JointSSL(clustering="swav", **(TINY_MODEL | options))
+    model = JointSSL(clustering="swav", **(TINY_MODEL | TINY_SWAV | options))
     initial = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
     losses, layouts = StepLosses(), InputLayouts()
     trainer = make_trainer(

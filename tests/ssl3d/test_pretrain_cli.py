@@ -113,6 +113,7 @@ def test_more_clusters_than_volumes_fails_before_training(tmp_path):
             [
                 *args,
                 "--model.clustering=deepcluster",
+                "--model.freeze_prototypes_steps=313",  # the demo config's SwAV setting back to its default
                 "--model.prototypes_3d=[500]",
                 f"--run_dir={tmp_path / 'run'}",
                 f"--data.demo_dir={tmp_path}",

@@ -10,7 +10,7 @@ from ssl3d.encoder import SliceEncoder, create_backbone
 from ssl3d.module import JointSSL
 from ssl3d.optim import build_optimizer, parameter_groups, scaled_lr
 from tests.ssl3d.test_module import make_trainer
-from tests.ssl3d.tiny import TINY_MODEL, TinyDataModule
+from tests.ssl3d.tiny import TINY_MODEL, TINY_SWAV, TinyDataModule
 
 
 class EveryStep(pl.Callback):
@@ -135,7 +135,7 @@ def test_learning_rate_scales_with_the_global_batch(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         scaled_lr(0.6, 32, 0)
     pl.seed_everything(0)
-    model = JointSSL(clustering="swav", **{**TINY_MODEL, "lr": 0.6, "lr_reference_batch": 256})
+    model = JointSSL(clustering="swav", **{**TINY_MODEL, **TINY_SWAV, "lr": 0.6, "lr_reference_batch": 256})
     trainer = make_trainer(tmp_path, 1, enable_checkpointing=False, max_steps=1, accumulate_grad_batches=2)
     trainer.fit(model, TinyDataModule())
     assert model.global_batch_size() == 12  # 6 slices per batch, 2 batches per step

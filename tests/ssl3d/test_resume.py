@@ -11,7 +11,7 @@ import torch
 from agreement.runs import ExactResume, RunCheckpoint, RunInterrupted
 from ssl3d.module import JointSSL
 from tests.helpers.resume import FinalState, KeepCheckpoints, SignalAt, differences, max_abs_difference
-from tests.ssl3d.tiny import TINY_MODEL, TinyDataModule
+from tests.ssl3d.tiny import TINY_MODEL, TINY_SWAV, TinyDataModule
 
 # 8 volume samples in batches of 2 and 12 slices in batches of 6: an epoch is 4 steps and the 2D loader, 2 batches
 # long, is cycled in every epoch (a second pass with another order).
@@ -35,7 +35,9 @@ def _fit(folder, config, callbacks=(), ckpt_path=None, every_n_steps=0, seed=0):
     return final
 
 
-@pytest.mark.parametrize(("clustering", "extra"), [("deepcluster", {}), ("swav", {"queue_length": 12})])
+@pytest.mark.parametrize(
+    ("clustering", "extra"), [("deepcluster", {}), ("swav", {**TINY_SWAV, "queue_length": 12})]
+)
 def test_stopped_and_resumed_runs_end_exactly_like_an_uninterrupted_one(tmp_path, clustering, extra):
     config = {**TINY_MODEL, **extra, "clustering": clustering}
     straight = _fit(tmp_path / "a", config, [KeepCheckpoints(tmp_path / "a")], every_n_steps=3)

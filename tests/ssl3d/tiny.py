@@ -25,8 +25,9 @@ TINY_MODEL = dict(
     prototypes_3d=[3],
     lr=0.05,
     warmup_epochs=0.5,
-    freeze_prototypes_steps=2,
 )
+# SwAV-only settings (JointSSL refuses them with DeepCluster-V2): add them to TINY_MODEL for clustering="swav".
+TINY_SWAV = dict(freeze_prototypes_steps=2)
 
 
 class RandomViews(Dataset):

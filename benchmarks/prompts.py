@@ -1,7 +1,8 @@
 """Training-step time and peak memory of PromptSRC against IVLP (same prompts, CE only).
 
-PromptSRC adds two frozen passes per step: the frozen image features (no autograd graph; reduced precision on
-GPU) and the cached 60-template text features (computed once per class list, so not in the step). The target is a
+PromptSRC adds two frozen passes per step: the frozen image features (no autograd graph; bf16 where the GPU or
+CPU computes it natively, also timed in fp32) and the cached 60-template text features (computed once per class
+list, so not in the step). The target is a
 step time of at most 1.25x IVLP's. IVLP is also timed in open_clip's batch-first layout (``sequence_first=False``
 in ``PromptedCLIP``), which the towers ran in before they were switched to the sequence-first layout.
 """
@@ -69,6 +70,8 @@ def _step(module, optimizer, images, labels) -> float:
 
 
 BATCH_FIRST = "IVLP, open_clip layout"
+# PromptSRC's default teacher pass is bf16 where the CPU or GPU computes it natively ("auto"); this is the fp32 one.
+FP32_TEACHER = "PromptSRC, fp32 teacher"
 
 
 def _open_clip_layout(module: IVLP) -> IVLP:
@@ -88,6 +91,7 @@ def _compare(setting: dict[str, Any], device: str, rounds: int, steps: int) -> d
     names = [f"class {i}" for i in range(setting["classes"])]
     kwargs = {k: setting[k] for k in ("model_name", "text_depth", "vision_depth")}
     modules = {"IVLP": IVLP(classnames=names, **kwargs), "PromptSRC": PromptSRC(classnames=names, **kwargs)}
+    modules[FP32_TEACHER] = PromptSRC(classnames=names, frozen_precision="fp32", **kwargs)
     modules[BATCH_FIRST] = _open_clip_layout(modules["IVLP"])
     images = torch.randn(setting["batch"], 3, setting["size"], setting["size"], device=device)
     labels = torch.randint(0, len(names), (setting["batch"],), device=device)

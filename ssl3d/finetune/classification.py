@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_roc_auc
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -26,11 +23,11 @@ from ssl3d.data.images import load_image
 from ssl3d.data.sources import IMAGE_EXTENSIONS
 from ssl3d.finetune.encoders import (
     create_timm_encoder,
-    encoder_param_groups,
     load_encoder_weights,
     set_trainable,
 )
-from ssl3d.finetune.optim import Optimizer, build_optimizer, steps_per_epoch, warmup_cosine
+from ssl3d.finetune.optim import Optimizer
+from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)
 
@@ -189,26 +186,7 @@ class ImageClassificationData(pl.LightningDataModule):
         return self._loader("test")
 
 
-def classification_metrics(
-    logits: torch.Tensor, targets: torch.Tensor, multi_label: bool
-) -> dict[str, float]:
-    """AUROC (macro; NaN when a class has only one outcome in ``targets``) and accuracy."""
-    if multi_label:
-        probabilities = torch.sigmoid(logits)
-        accuracy = float(((probabilities > 0.5).float() == targets).float().mean())
-        one_hot = targets
-    else:
-        probabilities = torch.softmax(logits, dim=1)
-        accuracy = float((probabilities.argmax(dim=1) == targets).float().mean())
-        one_hot = F.one_hot(targets.long(), logits.shape[1]).float()
-    try:
-        auroc = float(compute_roc_auc(probabilities, one_hot, average="macro"))
-    except (ValueError, AssertionError):
-        auroc = math.nan
-    return {"auroc": auroc, "accuracy": accuracy}
-
-
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(ClassificationTask):
     """The exported timm encoder with a fresh timm classifier head (``reset_classifier``).
 
     Args:
@@ -219,8 +197,6 @@ class ImageClassifier(pl.LightningModule):
         freeze_encoder: train the head only (a linear probe).
         layer_decay, optimizer, lr, weight_decay, momentum, warmup_epochs: as for segmentation.
     """
-
-    monitor = ("val/auroc", "max")
 
     def __init__(
         self,
@@ -252,81 +228,28 @@ class ImageClassifier(pl.LightningModule):
         if freeze_encoder:
             set_trainable(self.model, False)
         self.model.reset_classifier(len(self.class_names))
-        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
-        self.test_summary: dict[str, float] = {}
-        self.test_results: list[dict[str, Any]] = []
 
     def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None)
-        multi_label = getattr(getattr(data, "hparams", None), "multi_label", None)
-        if multi_label is not None and multi_label != self.hparams.multi_label:
-            raise ValueError(
-                f"model multi_label={self.hparams.multi_label} but data multi_label={multi_label}"
-            )
+        self.check_data(getattr(self.trainer, "datamodule", None))
+
+    def encoder_backbone(self) -> torch.nn.Module:
+        return self.model
 
     def head_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.get_classifier().parameters())
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
-
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.hparams.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, targets.float())
-        return F.cross_entropy(logits, targets.long())
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.model] if self.hparams.freeze_encoder else []
 
     def on_train_epoch_start(self) -> None:
-        if self.hparams.freeze_encoder:
-            self.model.eval()
-            self.model.get_classifier().train()
+        super().on_train_epoch_start()
+        self.model.get_classifier().train()  # the head trains even inside a frozen encoder
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def split_batch(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
         images, targets = batch
-        loss = self._loss(self(images), targets)
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
-        return loss
+        return images, targets, None
 
-    def _collect(self, split: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        images, targets = batch
-        self._outputs[split].append((self(images).detach().float().cpu(), targets.cpu()))
-
-    def _finish(self, split: str) -> dict[str, float]:
-        outputs, self._outputs[split] = self._outputs[split], []
-        if not outputs:
-            return {}
-        logits, targets = (torch.cat(parts) for parts in zip(*outputs))
-        metrics = classification_metrics(logits, targets, self.hparams.multi_label)
-        metrics["loss"] = float(self._loss(logits, targets))
-        for key, value in metrics.items():
-            self.log(f"{split}/{key}", value, prog_bar=key == "auroc")
-        return metrics
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._collect("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._collect("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self.test_summary = self._finish("test")
-
-    def result_rows(self) -> list[dict[str, object]]:
-        return [{"AUROC": self.test_summary.get("auroc"), "accuracy": self.test_summary.get("accuracy")}]
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        head_ids = {id(p) for p in self.head_parameters()}
-        groups = encoder_param_groups(self.model, hp.lr, hp.weight_decay, hp.layer_decay)
-        for group in groups:
-            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
-        groups.append({"params": self.head_parameters(), "lr": hp.lr, "weight_decay": hp.weight_decay})
-        optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
-        total = self.trainer.estimated_stepping_batches
-        per_epoch = steps_per_epoch(self.trainer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": warmup_cosine(optimizer, total, round(hp.warmup_epochs * per_epoch)),
-        }
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)

@@ -13,7 +13,8 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+import torch.nn.functional as F
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_roc_auc
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -68,3 +69,22 @@ def mean_over_classes(results: dict[str, dict[str, float]], skip: Sequence[str] 
     rows = [row for name, row in results.items() if name not in skip]
     keys = rows[0].keys() if rows else ()
     return {key: _nanmean(torch.tensor([row[key] for row in rows], dtype=torch.float64)) for key in keys}
+
+
+def classification_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, multi_label: bool
+) -> dict[str, float]:
+    """AUROC (macro; NaN when a class has only one outcome in ``targets``) and accuracy."""
+    if multi_label:
+        probabilities = torch.sigmoid(logits)
+        accuracy = float(((probabilities > 0.5).float() == targets).float().mean())
+        one_hot = targets
+    else:
+        probabilities = torch.softmax(logits, dim=1)
+        accuracy = float((probabilities.argmax(dim=1) == targets).float().mean())
+        one_hot = F.one_hot(targets.long(), logits.shape[1]).float()
+    try:
+        auroc = float(compute_roc_auc(probabilities, one_hot, average="macro"))
+    except (ValueError, AssertionError):
+        auroc = math.nan
+    return {"auroc": auroc, "accuracy": accuracy}

@@ -1,4 +1,5 @@
-"""Optimizer and per-step warm-up + cosine schedule shared by the fine-tuning tasks."""
+"""Optimizer and per-step warm-up + cosine schedule shared by the fine-tuning tasks (the schedule ramps from
+``1 / (warmup + 1)``, not from 0 as pretraining's ``ssl3d.optim.warmup_cosine``, so the first step trains)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,21 @@ from typing import Literal
 
 import torch
 
+from ssl3d.optim import build_optimizer as pretraining_optimizer
+
 Optimizer = Literal["adamw", "sgd"]
 
 
 def build_optimizer(
     groups: list[dict], name: Optimizer, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
+    """The pretraining recipe's ``build_optimizer`` (AdamW or SGD here) over the groups that hold parameters."""
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
+    if name not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
+    return pretraining_optimizer(groups, name, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> dict:

@@ -14,16 +14,16 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import FlexibleUNet
 
-from ssl3d.finetune.encoders import encoder_param_groups, register_timm_backbone, set_trainable
+from ssl3d.finetune.encoders import register_timm_backbone, set_trainable
 from ssl3d.finetune.metrics import mean_over_classes, volume_metrics
-from ssl3d.finetune.optim import Optimizer, build_optimizer, steps_per_epoch, warmup_cosine
+from ssl3d.finetune.optim import Optimizer
 from ssl3d.finetune.seg_data import CaseData
+from ssl3d.finetune.task import FinetuneTask
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def write_prediction(prediction: torch.Tensor, case: CaseData, folder: str | Pat
     return path
 
 
-class SegmentationTask(pl.LightningModule):
+class SegmentationTask(FinetuneTask):
     """Fine-tunes an exported encoder for slice-wise segmentation of volumes.
 
     Args:
@@ -128,9 +128,11 @@ class SegmentationTask(pl.LightningModule):
         """(N, 1, H, W) slices -> (N, classes, H, W) logits."""
         return self.net(images)
 
-    def on_train_epoch_start(self) -> None:
-        if self.hparams.freeze_encoder:
-            self.net.encoder.eval()
+    def encoder_backbone(self) -> torch.nn.Module:
+        return self.net.encoder.model
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.net.encoder] if self.hparams.freeze_encoder else []
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -196,16 +198,3 @@ class SegmentationTask(pl.LightningModule):
         for name, row in summary.items():
             for key, value in row.items():
                 self.log(f"test/{name}/{key}", value, batch_size=1)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        groups = encoder_param_groups(self.net.encoder.model, hp.lr, hp.weight_decay, hp.layer_decay)
-        head = [p for n, p in self.net.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
-        groups.append({"params": head, "lr": hp.lr, "weight_decay": hp.weight_decay})
-        optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
-        total = self.trainer.estimated_stepping_batches
-        per_epoch = steps_per_epoch(self.trainer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": warmup_cosine(optimizer, total, round(hp.warmup_epochs * per_epoch)),
-        }

@@ -22,7 +22,6 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,9 +31,9 @@ from ssl3d.attention import SliceTransformer
 from ssl3d.data.sources import list_volumes
 from ssl3d.data.volumes import VolumeLoader, check_volumes
 from ssl3d.encoder import SliceEncoder
-from ssl3d.finetune.classification import classification_metrics
-from ssl3d.finetune.encoders import EncoderWeightsError, encoder_param_groups, set_trainable, state_mismatches
-from ssl3d.finetune.optim import Optimizer, build_optimizer, steps_per_epoch, warmup_cosine
+from ssl3d.finetune.encoders import EncoderWeightsError, set_trainable, state_mismatches
+from ssl3d.finetune.optim import Optimizer
+from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def resolve_num_classes(num_classes: int | None, class_names: list[str] | None, 
     return int(num_classes)
 
 
-class VolumeClassifier(pl.LightningModule):
+class VolumeClassifier(ClassificationTask):
     """Pretrained slice encoder + slice Transformer, volume embedding, linear head.
 
     Args:
@@ -153,8 +152,6 @@ class VolumeClassifier(pl.LightningModule):
         layer_decay, optimizer, lr, weight_decay, momentum, warmup_epochs: as for the other tasks
             (``layer_decay`` scales the timm backbone's learning rates per block).
     """
-
-    monitor = ("val/auroc", "max")
 
     def __init__(
         self,
@@ -221,9 +218,6 @@ class VolumeClassifier(pl.LightningModule):
         if freeze_transformer:
             set_trainable(self.transformer, False)
         self.head = nn.Linear(arch["d_model"], self.num_classes)
-        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor, list[str]]]] = {"val": [], "test": []}
-        self.test_summary: dict[str, float] = {}
-        self.test_results: list[dict[str, Any]] = []
 
     def _load_pretrained(
         self, state: dict[str, torch.Tensor], source_hparams: dict, given: dict, path: Path
@@ -246,12 +240,8 @@ class VolumeClassifier(pl.LightningModule):
     # --------------------------------------------------------------------------------------------- model
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)
+        self.check_data(data)
         hparams = getattr(data, "hparams", None)
-        multi_label = getattr(hparams, "multi_label", None)
-        if multi_label is not None and multi_label != self.hparams.multi_label:
-            raise ValueError(
-                f"model multi_label={self.hparams.multi_label} but data multi_label={multi_label}"
-            )
         data_classes = getattr(data, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(f"model num_classes={self.num_classes} but data num_classes={data_classes}")
@@ -273,91 +263,15 @@ class VolumeClassifier(pl.LightningModule):
         """(B, 1, S, H, W) volumes -> (B, num_classes) logits."""
         return self.head(self.embed(volumes))
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.hparams.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, targets.float())
-        return F.cross_entropy(logits, targets.long())
+    def encoder_backbone(self) -> nn.Module:
+        return self.encoder.backbone
 
-    def on_train_epoch_start(self) -> None:
-        if self.hparams.freeze_encoder:
-            self.encoder.eval()
-        if self.hparams.freeze_transformer:
-            self.transformer.eval()
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        volumes, targets = batch["volume"], batch["label"]
-        logits = self(volumes)
-        loss = self.loss(logits, targets)
-        self.log("train/loss", loss, prog_bar=True, batch_size=volumes.shape[0])
-        if not self.hparams.multi_label:
-            accuracy = (logits.argmax(dim=1) == targets).float().mean()
-            self.log("train/accuracy", accuracy, batch_size=volumes.shape[0])
-        return loss
-
-    # ---------------------------------------------------------------------------------- evaluation
-    def _collect(self, split: str, batch: dict[str, Any]) -> None:
-        logits = self(batch["volume"]).detach().float().cpu()
-        self._outputs[split].append((logits, batch["label"].cpu(), list(batch["name"])))
-
-    def _finish(self, split: str) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, list[str]]:
-        outputs, self._outputs[split] = self._outputs[split], []
-        if not outputs:
-            return {}, torch.empty(0), torch.empty(0), []
-        logits = torch.cat([o[0] for o in outputs])
-        targets = torch.cat([o[1] for o in outputs])
-        names = [name for o in outputs for name in o[2]]
-        metrics = classification_metrics(logits, targets, self.hparams.multi_label)
-        metrics["loss"] = float(self.loss(logits, targets))
-        for key, value in metrics.items():
-            self.log(f"{split}/{key}", value, prog_bar=key == "auroc")
-        return metrics, logits, targets, names
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._collect("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._collect("test", batch)
-
-    def on_test_epoch_start(self) -> None:
-        self.test_results = []
-
-    def on_test_epoch_end(self) -> None:
-        self.test_summary, logits, targets, names = self._finish("test")
-        if not names:
-            return
-        if self.hparams.multi_label:
-            probabilities = torch.sigmoid(logits)
-            predictions = [[i for i, p in enumerate(row) if p > 0.5] for row in probabilities.tolist()]
-            labels = [[i for i, t in enumerate(row) if t > 0.5] for row in targets.tolist()]
-        else:
-            probabilities = torch.softmax(logits, dim=1)
-            predictions = probabilities.argmax(dim=1).tolist()
-            labels = targets.tolist()
-        self.test_results = [
-            {"case": name, "label": label, "prediction": prediction, "probabilities": row}
-            for name, label, prediction, row in zip(names, labels, predictions, probabilities.tolist())
-        ]
-
-    def result_rows(self) -> list[dict[str, object]]:
-        return [{"AUROC": self.test_summary.get("auroc"), "accuracy": self.test_summary.get("accuracy")}]
-
-    # ----------------------------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
+    def frozen_modules(self) -> list[nn.Module]:
         hp = self.hparams
-        groups = encoder_param_groups(self.encoder.backbone, hp.lr, hp.weight_decay, hp.layer_decay)
-        backbone_ids = {id(p) for p in self.encoder.backbone.parameters()}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        groups.append({"params": rest, "lr": hp.lr, "weight_decay": hp.weight_decay})
-        optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
-        total = self.trainer.estimated_stepping_batches
-        per_epoch = steps_per_epoch(self.trainer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": warmup_cosine(optimizer, total, round(hp.warmup_epochs * per_epoch)),
-        }
+        return [self.encoder] * hp.freeze_encoder + [self.transformer] * hp.freeze_transformer
+
+    def split_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        return batch["volume"], batch["label"], list(batch["name"])
 
 
 # ------------------------------------------------------------------------------------------------- data

@@ -7,8 +7,9 @@ import torch
 from torchvision.io import write_png
 
 from ssl3d.export import load_state_dict_file
-from ssl3d.finetune.classification import ImageClassifier, classification_metrics, images_from_csv
+from ssl3d.finetune.classification import ImageClassifier, images_from_csv
 from ssl3d.finetune.cli import main
+from ssl3d.finetune.metrics import classification_metrics
 from tests.finetune.helpers import TINY_BACKBONE, make_encoder
 
 

@@ -70,6 +70,24 @@ def _batchnorms(module: torch.nn.Module) -> list[torch.nn.modules.batchnorm._Bat
     return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
+@torch.no_grad()
+def match_init_norms(encoder: torch.nn.Module, reference: torch.nn.Module) -> dict[str, float]:
+    """Scale each convolution weight of ``encoder`` to the norm of the same layer of ``reference`` (a fresh
+    initialisation); returns the factors. Where every convolution feeds a BatchNorm (ResNets) this changes no
+    output once the statistics are re-estimated, only the size of a gradient step relative to the weights
+    (under BatchNorm, proportional to lr / |w|^2), so a pretrained and a random encoder train at the same pace."""
+    fresh = dict(reference.named_modules())
+    factors = {}
+    for name, module in encoder.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            target = fresh[name].weight.norm()
+            factors[name] = float(target / module.weight.norm())
+            module.weight.mul_(factors[name])
+    if not _batchnorms(encoder):
+        raise ValueError("match_init_norms needs an encoder whose convolutions feed BatchNorm layers")
+    return factors
+
+
 class PairedStart(pl.Callback):
     """At the start of a fresh fit: re-estimate the encoder's BatchNorm statistics, record the starting point.
 
@@ -81,13 +99,22 @@ class PairedStart(pl.Callback):
 
     ``record`` (a JSON path) receives fingerprints of the encoder weights, of the decoder and head, and the
     labelled slices and first-epoch order of the training slices, which the comparison checks for pairing.
+    ``match_norms`` first scales every encoder convolution to the norm of a fresh initialisation's
+    (:func:`match_init_norms`; a diagnostic of the step size relative to the weights).
     """
 
-    def __init__(self, record: str | None = None, recalibrate_bn: bool = True, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        record: str | None = None,
+        recalibrate_bn: bool = True,
+        batch_size: int = 64,
+        match_norms: bool = False,
+    ) -> None:
         super().__init__()
         self.record = record
         self.recalibrate_bn = recalibrate_bn
         self.batch_size = batch_size
+        self.match_norms = match_norms
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = getattr(pl_module, "net", None)
@@ -100,6 +127,12 @@ class PairedStart(pl.Callback):
         norms = _batchnorms(encoder)
         images = torch.cat([case.images for case in data.train_cases])
         before = fingerprint({k: v for k, v in encoder.state_dict().items() if "running" in k})
+        factors = {}
+        if self.match_norms:
+            with torch.random.fork_rng():  # the reference draws no numbers from the run's generator
+                torch.manual_seed(0)
+                reference = type(encoder)()
+            factors = match_init_norms(encoder.model, reference.model)
         if self.recalibrate_bn:
             recalibrate_batchnorm(encoder, images, batch_size=self.batch_size)
         if self.record is None or not trainer.is_global_zero:
@@ -113,6 +146,7 @@ class PairedStart(pl.Callback):
             "labelled_slices": data.labelled_slices().tolist(),
             "train_order_epoch0": list(sampler),
             "training_slices": int(images.shape[0]),
+            "norm_factors": factors,
             "bn": {
                 "recalibrated": self.recalibrate_bn,
                 "layers": len(norms),
@@ -164,6 +198,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="re-estimate every encoder's BatchNorm statistics on the training slices first (true/false; "
         "false reproduces the artefact of the plain comparison)",
+    )
+    parser.add_argument(
+        "--match_init_norms",
+        type=_boolean,
+        default=False,
+        help="diagnostic (true/false): scale every encoder convolution, in both arms, to a fresh "
+        "initialisation's norm first; under BatchNorm this changes no output, only the relative step size",
     )
     parser.add_argument("--backbone", default=None, help="timm model (default: from encoder.json)")
     parser.add_argument(
@@ -225,6 +266,8 @@ def command_line(args: argparse.Namespace) -> str:
         f"--metric {args.metric}",
         f"--bn_recalibration {str(args.bn_recalibration).lower()}",
     ]
+    if getattr(args, "match_init_norms", False):
+        parts.append("--match_init_norms true")
     if args.backbone:
         parts.append(f"--backbone {args.backbone}")
     if args.finetune_args:
@@ -263,6 +306,7 @@ def arm_arguments(
     backbone: str,
     bn_recalibration: bool = True,
     extra: list[str] = (),
+    match_norms: bool = False,
 ) -> list[str]:
     """``scripts/finetune.py`` arguments of one arm; the two arms of a seed differ only in the encoder."""
     if arm not in ARMS:
@@ -271,7 +315,11 @@ def arm_arguments(
         raise ValueError("the pretrained arm needs an encoder")
     callback = {
         "class_path": f"{__name__}.PairedStart",
-        "init_args": {"record": str(run_dir / arm / "paired_start.json"), "recalibrate_bn": bn_recalibration},
+        "init_args": {
+            "record": str(run_dir / arm / "paired_start.json"),
+            "recalibrate_bn": bn_recalibration,
+            "match_norms": match_norms,
+        },
     }
     return [
         *extra,
@@ -371,7 +419,16 @@ def run_comparison(args: argparse.Namespace, progress: bool = True) -> dict[str,
             run_dir = out_dir / f"fraction-{fraction:g}" / f"seed-{seed}"
             for arm in arms:
                 cli_args = arm_arguments(
-                    arm, encoder, fraction, seed, args.steps, run_dir, backbone, args.bn_recalibration, extra
+                    arm,
+                    encoder,
+                    fraction,
+                    seed,
+                    args.steps,
+                    run_dir,
+                    backbone,
+                    args.bn_recalibration,
+                    extra,
+                    getattr(args, "match_init_norms", False),
                 )
                 arm_dir = run_dir / arm
                 results = _run_arm(cli_args, arm_dir, args.resume)
@@ -417,6 +474,7 @@ def run_comparison(args: argparse.Namespace, progress: bool = True) -> dict[str,
         "label_fractions": list(args.label_fractions),
         "metric": args.metric,
         "bn_recalibration": bool(args.bn_recalibration),
+        "match_init_norms": bool(getattr(args, "match_init_norms", False)),
         "finetune_args": args.finetune_args,
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
@@ -577,6 +635,13 @@ def write_report(summary: dict[str, Any], curves: dict[tuple[str, str], list], o
         f"{summary['wall_seconds'] / 60:.1f} min{reused} (training alone, summed over the "
         f"{len(summary['runs'])} runs: {summary['fit_seconds_total'] / 60:.1f} min)",
         f"- BatchNorm: {bn}",
+        *(
+            [
+                "- every encoder convolution scaled to a fresh initialisation's norm first, in both arms (--match_init_norms)"
+            ]
+            if summary.get("match_init_norms")
+            else []
+        ),
         f"- pairing: {pairing}",
         "- mean ± sample standard deviation over seeds; the difference is paired by seed",
         "",

@@ -181,3 +181,35 @@ def test_bad_settings_are_refused(tmp_path):
     run = tmp_path / "run"
     make_encoder(run / "encoder")
     assert compare.resolve_encoder_dir(str(run)) == (run / "encoder").resolve()
+
+
+def test_matching_init_norms_changes_no_output_of_a_batchnorm_resnet():
+    from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
+
+    from ssl3d.finetune.compare import match_init_norms
+    from ssl3d.finetune.encoders import register_timm_backbone
+    from ssl3d.probe import recalibrate_batchnorm
+
+    encoder_class = FLEXUNET_BACKBONE.register_dict[register_timm_backbone("resnet10t")]["type"]
+    torch.manual_seed(1)
+    encoder, reference = encoder_class(), encoder_class()
+    with torch.no_grad():  # grown weights, as after pretraining
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.mul_(2.5)
+    images = torch.rand(16, 1, 32, 32)
+    recalibrate_batchnorm(encoder, images)
+    encoder.eval()
+    before = encoder(images)
+    factors = match_init_norms(encoder.model, reference.model)
+    recalibrate_batchnorm(encoder, images)
+    encoder.eval()
+    for old, new in zip(before, encoder(images)):  # equal up to BatchNorm's eps, which the scaling moves
+        difference = (new - old).abs()
+        assert float(difference.max()) < 0.02 * float(old.abs().max())
+        assert float(difference.mean()) < 0.01 * float(old.abs().mean())
+    assert len(factors) > 5 and all(0.3 < f < 0.5 for f in factors.values())  # about 1 / 2.5
+    for name, module in encoder.model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            target = dict(reference.model.named_modules())[name].weight.norm()
+            torch.testing.assert_close(module.weight.norm(), target, rtol=1e-4, atol=0)

@@ -71,7 +71,7 @@ def run_finetune_benchmark(quick: bool = False, device: str = "cpu") -> dict:
         ImageClassifier(backbone=backbone, class_names=["normal", "abnormal"]).to(torch_device).train()
     )
     times = _timed(
-        _train_step(classifier, lambda: classifier._loss(classifier(images), targets)),
+        _train_step(classifier, lambda: classifier.loss(classifier(images), targets)),
         torch_device,
         warmup,
         repeats,

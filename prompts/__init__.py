@@ -2,11 +2,12 @@
 
 from agreement.clip import build_clip
 from prompts.checkpoint import load_prompts, save_prompts
-from prompts.data import FewShotDataModule, generate_fewshot, split_base_novel, subsample_classes
+from prompts.data import FewShotDataModule
 from prompts.gpa import PromptAggregator, gpa_weights
 from prompts.losses import promptsrc_loss, scl_feature_loss, scl_logits_loss
 from prompts.model import PromptedCLIP, frozen_text_features
 from prompts.module import IVLP, CoOp, KgCoOp, PromptCLIPModule, PromptSRC, ZeroShotCLIP
+from prompts.splits import generate_fewshot, split_base_novel, subsample_classes
 
 __all__ = [
     "IVLP",

@@ -12,7 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from prompts.data import check_images, check_shots, fewshot_split, load_dataset
+from prompts.datasets import check_images, check_shots, load_dataset
+from prompts.splits import fewshot_split
 
 TRANSFER = ("cross_dataset", "domain_generalization")
 

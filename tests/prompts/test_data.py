@@ -4,15 +4,9 @@ import random
 import pytest
 import torch
 
-from prompts.data import (
-    FewShotDataModule,
-    Item,
-    SeededEpochSampler,
-    fewshot_split,
-    generate_fewshot,
-    split_base_novel,
-    subsample_classes,
-)
+from prompts.data import FewShotDataModule, SeededEpochSampler
+from prompts.datasets import Item
+from prompts.splits import fewshot_split, generate_fewshot, split_base_novel, subsample_classes
 from tests.prompts.tiny import NAMES, make_coop_dataset, make_image_folder
 
 

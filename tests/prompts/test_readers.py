@@ -1,4 +1,4 @@
-"""The dataset readers of ``prompts/data.py`` on tiny fake datasets with the CoOp / PromptSRC layouts:
+"""The dataset readers of ``prompts/datasets.py`` on tiny fake datasets with the CoOp / PromptSRC layouts:
 FGVCAircraft, ImageNet and its variants (V2, Sketch, A, R), CSV lists and ImageFolder with a class-name file."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prompts.data import (
+from prompts.datasets import (
     Item,
     _read_aircraft,
     _read_csv,

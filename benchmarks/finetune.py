@@ -59,24 +59,16 @@ def run_finetune_benchmark(quick: bool = False, device: str = "cpu") -> dict:
     rows = []
 
     segmenter = SegmentationTask(backbone=backbone, hd95=False).to(torch_device).train()
-    times = _timed(
-        _train_step(segmenter, lambda: segmenter.loss(segmenter(images), masks)),
-        torch_device,
-        warmup,
-        repeats,
-    )
-    rows.append(_row("segmentation U-Net train step", times, batch, "slices/s"))
-
     classifier = (
         ImageClassifier(backbone=backbone, class_names=["normal", "abnormal"]).to(torch_device).train()
     )
-    times = _timed(
-        _train_step(classifier, lambda: classifier.loss(classifier(images), targets)),
-        torch_device,
-        warmup,
-        repeats,
-    )
-    rows.append(_row("2D classifier train step", times, batch, "images/s"))
+    tasks = [
+        ("segmentation U-Net train step", segmenter, masks, "slices/s"),
+        ("2D classifier train step", classifier, targets, "images/s"),
+    ]
+    for label, task, target, unit in tasks:
+        step = _train_step(task, lambda task=task, target=target: task.loss(task(images), target))
+        rows.append(_row(label, _timed(step, torch_device, warmup, repeats), batch, unit))
 
     case = CaseData(
         name="benchmark",

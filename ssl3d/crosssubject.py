@@ -52,7 +52,7 @@ from ssl3d.encoder import SliceEncoder
 from ssl3d.fashion import DatasetNotFoundError, _mean_std
 from ssl3d.module import JointSSL
 from ssl3d.probe import _pretraining_slices, recalibrate_batchnorm
-from ssl3d.report import format_table
+from ssl3d.report import format_table, save_figure
 
 DEFAULT_COLIN_DIR = Path("/usr/share/mricron/templates")
 COLIN_FILES = {"t1": "ch2bet.nii.gz", "atlas": "aal.nii.gz", "names": "aal.nii.txt"}
@@ -937,8 +937,4 @@ def plot_runs(rows: Sequence[dict[str, Any]], out_png: str | Path) -> Path:
         axis.set_title(f"{row['metric']} {'↑' if row['higher is better'] else '↓'}", fontsize=8)
     for axis in list(axes.flat)[len(rows) :]:
         axis.axis("off")
-    figure.tight_layout()
-    out_png = Path(out_png)
-    figure.savefig(out_png, dpi=110)
-    plt.close(figure)
-    return out_png
+    return save_figure(figure, out_png)

@@ -29,6 +29,7 @@ from ssl3d.data.datasets import SeededSampler, _split_key
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
 from ssl3d.probe import recalibrate_batchnorm
+from ssl3d.report import save_figure
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = (
@@ -604,6 +605,4 @@ def write_report(result: dict[str, Any], out_dir: Path) -> None:
     acc_ax.set(
         ylabel="kNN accuracy (k=20)", title="Fashion-MNIST test", ylim=(min(means) - 0.05, max(means) + 0.03)
     )
-    figure.tight_layout()
-    figure.savefig(out_dir / "fashion_check.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out_dir / "fashion_check.png", dpi=120)

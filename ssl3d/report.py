@@ -46,9 +46,14 @@ def plot_loss_curves(metrics_csv: str | Path, out_png: str | Path) -> Path | Non
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
+    return save_figure(figure, out_png)
+
+
+def save_figure(figure, out_png: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a Matplotlib figure; returns its path."""
     figure.tight_layout()
     out_png = Path(out_png)
-    figure.savefig(out_png, dpi=110)
+    figure.savefig(out_png, dpi=dpi)
     plt.close(figure)
     return out_png
 

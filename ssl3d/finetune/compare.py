@@ -49,6 +49,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssl3d.probe import recalibrate_batchnorm
+from ssl3d.report import save_figure
 
 ARMS = ("random", "pretrained")
 FOREGROUND = "mean (foreground)"
@@ -76,6 +77,8 @@ def match_init_norms(encoder: torch.nn.Module, reference: torch.nn.Module) -> di
     initialisation); returns the factors. Where every convolution feeds a BatchNorm (ResNets) this changes no
     output once the statistics are re-estimated, only the size of a gradient step relative to the weights
     (under BatchNorm, proportional to lr / |w|^2), so a pretrained and a random encoder train at the same pace."""
+    if not _batchnorms(encoder):
+        raise ValueError("match_init_norms needs an encoder whose convolutions feed BatchNorm layers")
     fresh = dict(reference.named_modules())
     factors = {}
     for name, module in encoder.named_modules():
@@ -83,8 +86,6 @@ def match_init_norms(encoder: torch.nn.Module, reference: torch.nn.Module) -> di
             target = fresh[name].weight.norm()
             factors[name] = float(target / module.weight.norm())
             module.weight.mul_(factors[name])
-    if not _batchnorms(encoder):
-        raise ValueError("match_init_norms needs an encoder whose convolutions feed BatchNorm layers")
     return factors
 
 
@@ -711,9 +712,7 @@ def write_report(summary: dict[str, Any], curves: dict[tuple[str, str], list], o
         loss_ax.legend(fontsize=8)
     for axis in (score_ax, diff_ax, loss_ax):
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out_dir / "finetune_comparison.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out_dir / "finetune_comparison.png")
 
 
 def mean_curves(result: dict[str, Any]) -> dict[tuple[str, str], list[tuple[int, float]]]:

@@ -51,7 +51,6 @@ class FinetuneTask(pl.LightningModule):
         for group in groups:
             group["params"] = [p for p in group["params"] if id(p) in backbone_ids]
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        groups = [g for g in groups if g["params"]]
         groups.append({"params": rest, "lr": hp.lr, "weight_decay": hp.weight_decay})
         optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
         total = self.trainer.estimated_stepping_batches

@@ -57,6 +57,16 @@ class ClusteringHead(nn.Module):
         return []
 
 
+def _check_assign_views(num_views: int, assign_views: int | None, owner: str) -> int:
+    if num_views < 2:
+        raise ValueError(f"{owner}: agreement needs at least 2 views, got num_views={num_views}")
+    if assign_views is None:
+        return num_views
+    if not 1 <= assign_views <= num_views:
+        raise ValueError(f"{owner}: assign_views must be in [1, {num_views}] (num_views), got {assign_views}")
+    return assign_views
+
+
 class SwAVClustering(ClusteringHead):
     """Swapped prediction of Sinkhorn codes between views, with optional per-process queue and frozen prototypes.
 
@@ -68,7 +78,9 @@ class SwAVClustering(ClusteringHead):
         queue_length: embeddings per view kept from past batches to enlarge the batch Sinkhorn sees (0 = none).
         queue_start_epoch: first epoch whose Sinkhorn uses the queue (once it is full).
         freeze_steps: optimizer steps during which the prototypes get no gradient.
-        num_views: views per sample.
+        num_views: views per sample (multi-crop: the large crops first, then the small ones).
+        assign_views: the first ``assign_views`` views get Sinkhorn codes, which every other view predicts
+            (SwAV's ``crops_for_assign``: the two large crops); ``None``: every view. The queue keeps these only.
     """
 
     def __init__(
@@ -82,8 +94,10 @@ class SwAVClustering(ClusteringHead):
         queue_start_epoch: int = 0,
         freeze_steps: int = 0,
         num_views: int = 2,
+        assign_views: int | None = None,
     ) -> None:
         super().__init__()
+        self.assign_views = _check_assign_views(num_views, assign_views, "SwAVClustering")
         self.prototypes = Prototypes(dim, list(num_prototypes), freeze_steps=freeze_steps)
         self.queue_start_epoch = queue_start_epoch
         self.epoch = 0
@@ -91,7 +105,7 @@ class SwAVClustering(ClusteringHead):
         self.epsilon = epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
         self.num_views = num_views
-        self.queue = FeatureQueue(queue_length, dim, num_views) if queue_length > 0 else None
+        self.queue = FeatureQueue(queue_length, dim, self.assign_views) if queue_length > 0 else None
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
         """``views``: ``num_views`` tensors (B, dim) of L2-normalised embeddings; returns the loss (``index`` is
@@ -101,21 +115,21 @@ class SwAVClustering(ClusteringHead):
         batch = views[0].shape[0]
         scores = [self.prototypes(z) for z in views]  # [view][head] -> (B, K_h)
         queued = (
-            [self.prototypes(self.queue.get(v).to(views[v].dtype)) for v in range(self.num_views)]
+            [self.prototypes(self.queue.get(v).to(views[v].dtype)) for v in range(self.assign_views)]
             if self.queue is not None and self.epoch >= self.queue_start_epoch and self.queue.is_full
             else None
         )
         losses = []
         for head in range(self.prototypes.num_heads):
             codes = []
-            for v in range(self.num_views):
+            for v in range(self.assign_views):
                 head_scores = scores[v][head].detach()
                 if queued is not None:
                     head_scores = torch.cat([queued[v][head].detach(), head_scores])
                 codes.append(sinkhorn(head_scores, self.epsilon, self.sinkhorn_iterations)[-batch:])
             losses.append(swav_loss([s[head] for s in scores], codes, self.temperature))
         if self.queue is not None:
-            self.queue.enqueue([z.detach() for z in views])
+            self.queue.enqueue([z.detach() for z in views[: self.assign_views]])
         return torch.stack(losses).mean()
 
     def on_epoch_start(self, epoch: int, seed: int) -> None:
@@ -134,8 +148,9 @@ class DeepClusterV2Clustering(ClusteringHead):
     """Cross entropy to per-sample k-means assignments that are recomputed from a memory bank at each epoch start.
 
     The memory bank and the assignment table are indexed by global sample index and sized by :meth:`allocate`
-    (once the dataset is known); both are buffers, so checkpoints carry them. Head ``h`` clusters the memory of view
-    ``h % num_views``, as DeepCluster-V2 does with its ``crops_for_assign``. The prototypes are the centroids and
+    (once the dataset is known); both are buffers, so checkpoints carry them. The memory keeps the first
+    ``assign_views`` views (DeepCluster-V2's ``crops_for_assign``, the large crops; ``None``: all) and head ``h``
+    clusters the memory of view ``h % assign_views``; the loss covers every view, small crops included. The prototypes are the centroids and
     take no gradient (DeepCluster-V2 freezes them for its whole run): the loss trains the embedding only.
     """
 
@@ -151,8 +166,10 @@ class DeepClusterV2Clustering(ClusteringHead):
         num_views: int = 2,
         backend: Literal["torch", "faiss"] = "torch",
         precision: Precision = "float32",
+        assign_views: int | None = None,
     ) -> None:
         super().__init__()
+        self.assign_views = _check_assign_views(num_views, assign_views, "DeepClusterV2Clustering")
         if precision not in PRECISIONS:
             raise ValueError(
                 f"DeepCluster-V2: k-means precision must be one of {PRECISIONS}, got {precision!r}"
@@ -183,7 +200,7 @@ class DeepClusterV2Clustering(ClusteringHead):
                 "lower num_prototypes or add data"
             )
         device = self.assignments.device
-        self.memory = MemoryBank(size, self.dim, self.num_views).to(device)
+        self.memory = MemoryBank(size, self.dim, self.assign_views).to(device)
         self.assignments = torch.full((self.prototypes.num_heads, size), -1, dtype=torch.long, device=device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -210,7 +227,7 @@ class DeepClusterV2Clustering(ClusteringHead):
         scores = self.prototypes(torch.cat(views))
         targets = self.assignments[:, index.to(self.assignments.device)].repeat(1, self.num_views)
         loss = deepcluster_loss(scores, targets, self.temperature, ignore_index=-1)
-        self.memory.update(index, [z.detach().float() for z in views])
+        self.memory.update(index, [z.detach().float() for z in views[: self.assign_views]])
         return loss
 
     @torch.no_grad()
@@ -228,7 +245,7 @@ class DeepClusterV2Clustering(ClusteringHead):
                 return
             self.clustered_epoch.fill_(epoch)
         for head, k in enumerate(self.prototypes.num_prototypes):
-            features, indices = self.memory.features_for_clustering(head % self.num_views)
+            features, indices = self.memory.features_for_clustering(head % self.assign_views)
             if features.shape[0] < k:
                 warnings.warn(
                     f"DeepCluster-V2: only {features.shape[0]} samples in memory for {k} clusters; skipping k-means",

@@ -34,6 +34,9 @@ def _fashion(args: argparse.Namespace) -> dict[str, Any]:
         knn_train_images=args.knn_train_images,
         knn_test_images=args.knn_test_images,
         swav_queue_length=args.swav_queue_length,
+        small_crops=args.small_crops,
+        small_size=args.small_size,
+        small_crop_scale=tuple(args.small_crop_scale),
         split=args.split,
         methods=args.methods,
     )
@@ -42,6 +45,13 @@ def _fashion(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(config, name)}")
     if config.batch_size > config.train_images:
         raise ValueError(f"--batch_size {config.batch_size} exceeds --train_images {config.train_images}")
+    if config.small_crops < 0 or config.small_size < 4:
+        raise ValueError(
+            f"--small_crops must be >= 0 and --small_size >= 4, got {config.small_crops} and {config.small_size}"
+        )
+    low, high = config.small_crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"--small_crop_scale must be LOW HIGH with 0 < LOW <= HIGH <= 1, got {low} {high}")
     if config.swav_queue_length and not config.batch_size <= config.swav_queue_length:
         raise ValueError(
             f"--swav_queue_length {config.swav_queue_length} must be 0 (no queue) or at least --batch_size "
@@ -152,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=defaults.swav_queue_length,
         help="SwAV queue per view (0: none)",
+    )
+    fashion.add_argument(
+        "--small_crops",
+        type=int,
+        default=defaults.small_crops,
+        help="multi-crop: small views per image besides the two large ones (0: none)",
+    )
+    fashion.add_argument("--small_size", type=int, default=defaults.small_size, help="small views' size (px)")
+    fashion.add_argument(
+        "--small_crop_scale",
+        type=float,
+        nargs=2,
+        default=list(defaults.small_crop_scale),
+        metavar=("LOW", "HIGH"),
+        help="fraction of the image area a small view cuts",
     )
     fashion.add_argument(
         "--split",

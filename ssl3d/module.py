@@ -65,6 +65,9 @@ class JointSSL(pl.LightningModule):
             settings (``HEAD_SETTINGS``, e.g. ``queue_length`` with DeepCluster-V2) is an error.
         prototypes_2d, prototypes_3d: clusters per head for the 2D and 3D agreement.
         projection_hidden, projection_dim: the 2D projection head (SwAV/DeepCluster-V2 use 2048 and 128).
+        small_crops: SwAV / DeepCluster-V2's multi-crop: small 2D views per sample besides the two large ones
+            (the slice batches carry them as ``small_views``, (B, small_crops, 1, h, w)). Every view predicts the
+            large views' targets; only the large views are assigned (Sinkhorn codes, memory bank, queue).
         temperature, epsilon, sinkhorn_iterations: SwAV/DeepCluster-V2 settings (0.1, 0.05, 3).
         queue_length, queue_length_3d: SwAV queue per view for the 2D and the 3D agreement, 0 for none.
         queue_start_epoch: first epoch that uses a full queue.
@@ -107,6 +110,7 @@ class JointSSL(pl.LightningModule):
         prototypes_3d: list[int] = [4, 4, 4],  # noqa: B006
         projection_hidden: int = 2048,
         projection_dim: int = 128,
+        small_crops: int = 0,
         temperature: float = 0.1,
         epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
@@ -140,6 +144,8 @@ class JointSSL(pl.LightningModule):
         self.save_hyperparameters()
         if not 0.0 < mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
+        if small_crops < 0:
+            raise ValueError(f"small_crops must be >= 0, got {small_crops}")
         self.encoder = SliceEncoder(
             backbone, d_model, multi_level=multi_level, pretrained_path=pretrained_backbone
         )
@@ -159,7 +165,9 @@ class JointSSL(pl.LightningModule):
         self.masked_model = MaskedSliceModel(self.transformer, d_model)
         self.projection_2d = ProjectionHead(d_model, projection_hidden, projection_dim)
         self._check_head_settings()
-        self.clustering_2d = self._make_clustering(projection_dim, prototypes_2d, queue_length)
+        self.clustering_2d = self._make_clustering(
+            projection_dim, prototypes_2d, queue_length, num_views=2 + small_crops
+        )
         self.clustering_3d = self._make_clustering(d_model, prototypes_3d, queue_length_3d)
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
@@ -181,8 +189,12 @@ class JointSSL(pl.LightningModule):
                 f"defaults ({default}), or set clustering={other!r}"
             )
 
-    def _make_clustering(self, dim: int, prototypes: list[int], queue_length: int) -> ClusteringHead:
+    def _make_clustering(
+        self, dim: int, prototypes: list[int], queue_length: int, num_views: int = 2
+    ) -> ClusteringHead:
+        """The configured head over ``num_views`` views, of which the first two (the large ones) are assigned."""
         hp = self.hparams
+        views = dict(num_views=num_views, assign_views=2)
         if hp.clustering == "swav":
             return SwAVClustering(
                 dim,
@@ -193,6 +205,7 @@ class JointSSL(pl.LightningModule):
                 queue_length=queue_length,
                 queue_start_epoch=hp.queue_start_epoch,
                 freeze_steps=hp.freeze_prototypes_steps,
+                **views,
             )
         if hp.clustering == "deepcluster":
             return DeepClusterV2Clustering(
@@ -202,6 +215,7 @@ class JointSSL(pl.LightningModule):
                 kmeans_iterations=hp.kmeans_iterations,
                 backend=hp.kmeans_backend,
                 precision=hp.kmeans_precision,
+                **views,
             )
         raise ValueError(f"clustering must be 'swav' or 'deepcluster', got {hp.clustering!r}")
 
@@ -279,7 +293,7 @@ class JointSSL(pl.LightningModule):
                 for batch in _sampler_copy(loaders[key]):
                     batch = self._on_device(batch)
                     if key == "slices":
-                        views = self._slice_views(batch)
+                        views = self._slice_views(batch, small=False)
                     else:
                         size = batch["view1"].shape[0]
                         tokens = self.slice_tokens(torch.cat([batch["view1"], batch["view2"]]))
@@ -309,10 +323,22 @@ class JointSSL(pl.LightningModule):
         w_intra, w_inter, w_mask = self.stage_weights(epoch)
         return w_intra == 0 and w_inter == 0 and (w_mask == 0 or not self.hparams.mask_trains_encoder)
 
-    def _slice_views(self, slices: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The L2-normalised projections of both 2D views, one (B, projection_dim) tensor per view."""
+    def _slice_views(self, slices: dict[str, torch.Tensor], small: bool = True) -> list[torch.Tensor]:
+        """The L2-normalised projections of the 2D views, one (B, projection_dim) tensor per view: the two large
+        views, then (with ``small``) the ``small_crops`` small ones."""
         batch = slices["view1"].shape[0]
-        embeddings = self.embed_slices(torch.cat([slices["view1"], slices["view2"]]))
+        groups = [torch.cat([slices["view1"], slices["view2"]])]
+        small_views = slices.get("small_views")
+        given = 0 if small_views is None else small_views.shape[1]
+        if given != self.hparams.small_crops:
+            raise ValueError(
+                f"the 2D batch has {given} small views per sample but the model was built for small_crops="
+                f"{self.hparams.small_crops}; give the data and the model the same number"
+            )
+        if small and given:
+            groups.append(small_views.transpose(0, 1).flatten(0, 1))  # view-major, like the large views
+        # One backbone pass per resolution, as SwAV's multi-crop forward does.
+        embeddings = torch.cat([self.embed_slices(images) for images in groups])
         z = nn.functional.normalize(self.projection_2d(embeddings), dim=1)
         return list(z.split(batch))
 

@@ -94,6 +94,7 @@ class PretrainCLI(LightningCLI):
             help="write checkpoints/last.ckpt every N optimizer steps too (0: only at epoch ends and on signals)",
         )
         parser.link_arguments("data.num_slices", "model.num_slices")
+        parser.link_arguments("data.small_crops_2d", "model.small_crops")
         parser.link_arguments("seed_everything", "data.seed")
         parser.link_arguments("seed_everything", "model.seed")  # both save it: Lightning wants one value
 

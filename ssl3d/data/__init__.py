@@ -5,6 +5,7 @@ from ssl3d.data.datasets import IndexedConcatDataset, SeededSampler, SliceViewsD
 from ssl3d.data.images import check_images, load_image
 from ssl3d.data.sources import VolumeSource, list_images, list_volumes
 from ssl3d.data.transforms import (
+    MultiCropViews2D,
     TwoDifferentVolumeViews,
     TwoViews2D,
     default_volume_transforms,
@@ -15,6 +16,7 @@ from ssl3d.data.volumes import VolumeLoader, check_volumes
 __all__ = [
     "IndexedConcatDataset",
     "JointSSLDataModule",
+    "MultiCropViews2D",
     "SeededSampler",
     "SliceViewsDataset",
     "TwoDifferentVolumeViews",

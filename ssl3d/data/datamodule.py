@@ -24,7 +24,12 @@ from ssl3d.data.datasets import CACHE_MODES, SeededSampler, SliceViewsDataset, V
 from ssl3d.data.images import check_images
 from ssl3d.data.mni import write_mni152_nifti
 from ssl3d.data.sources import VolumeSource, list_images, list_volumes
-from ssl3d.data.transforms import TwoDifferentVolumeViews, TwoViews2D, default_volume_transforms
+from ssl3d.data.transforms import (
+    MultiCropViews2D,
+    TwoDifferentVolumeViews,
+    TwoViews2D,
+    default_volume_transforms,
+)
 from ssl3d.data.volumes import VolumeLoader, check_volumes
 
 DEMO_RESOLUTION = 2
@@ -52,6 +57,10 @@ class JointSSLDataModule(pl.LightningDataModule):
     transforms among the volume views) set how far the objectives are made invariant to intensity; downstream
     tasks that read tissue contrast may want less of it.
 
+    ``small_crops_2d`` adds SwAV / DeepCluster-V2's multi-crop to the 2D views: that many small views of
+    ``small_size_2d`` pixels (default: half of ``size``) from ``small_crop_scale_2d`` of the slice; the model's
+    ``small_crops`` must be the same (``scripts/pretrain.py`` links them).
+
     ``num_volume_samples`` and ``num_slice_samples`` (dataset sizes for memory banks) exist after
     ``setup("fit")``. Randomness follows from ``seed`` and the epoch only (see :class:`SeededSampler`). Under
     DDP each rank keeps a fixed shard of the volumes (so caches hold only that shard) and a distributed share of
@@ -78,6 +87,9 @@ class JointSSLDataModule(pl.LightningDataModule):
         slices_per_volume: int | None = None,
         min_foreground: float = 0.05,
         crop_scale_2d: tuple[float, float] | list[float] = (0.3, 1.0),
+        small_crops_2d: int = 0,
+        small_size_2d: tuple[int, int] | list[int] | None = None,
+        small_crop_scale_2d: tuple[float, float] | list[float] = (0.05, 0.3),
         jitter_2d: float = 0.4,
         intensity_views_3d: bool = True,
         cache: str | None = "memory",
@@ -106,9 +118,14 @@ class JointSSLDataModule(pl.LightningDataModule):
             raise ValueError(f"JointSSLDataModule: cache must be one of {CACHE_MODES}, got {cache!r}")
         if seed < 0:
             raise ValueError(f"JointSSLDataModule: seed must be >= 0, got {seed}")
-        if len(crop_scale_2d) != 2 or not 0.0 < crop_scale_2d[0] <= crop_scale_2d[1] <= 1.0:
+        for name, scale in (("crop_scale_2d", crop_scale_2d), ("small_crop_scale_2d", small_crop_scale_2d)):
+            if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+                raise ValueError(f"JointSSLDataModule: {name} must be (low, high) in (0, 1], got {scale}")
+        if small_crops_2d < 0:
+            raise ValueError(f"JointSSLDataModule: small_crops_2d must be >= 0, got {small_crops_2d}")
+        if small_size_2d is not None and (len(small_size_2d) != 2 or min(small_size_2d) < 4):
             raise ValueError(
-                f"JointSSLDataModule: crop_scale_2d must be (low, high) in (0, 1], got {crop_scale_2d}"
+                f"JointSSLDataModule: small_size_2d must be (height, width) of at least 4, got {small_size_2d}"
             )
         if not 0.0 <= jitter_2d < 1.0:
             raise ValueError(f"JointSSLDataModule: jitter_2d must be in [0, 1), got {jitter_2d}")
@@ -208,7 +225,7 @@ class JointSSLDataModule(pl.LightningDataModule):
             tensors,
             images,
             self.loader,
-            views2d=TwoViews2D(size=self.loader.size, scale=tuple(hp.crop_scale_2d), jitter=hp.jitter_2d),
+            views2d=self._views_2d(),
             slices_per_volume=hp.slices_per_volume,
             min_foreground=hp.min_foreground,
         )
@@ -224,6 +241,14 @@ class JointSSLDataModule(pl.LightningDataModule):
                 f"JointSSLDataModule: {len(self.slice_dataset)} 2D samples over {world} rank(s) are fewer than "
                 f"batch_size_2d={hp.batch_size_2d} per rank, so no full batch can be made"
             )
+
+    def _views_2d(self) -> TwoViews2D:
+        hp = self.hparams
+        large = dict(size=self.loader.size, scale=tuple(hp.crop_scale_2d), jitter=hp.jitter_2d)
+        if not hp.small_crops_2d:
+            return TwoViews2D(**large)
+        small_size = hp.small_size_2d or tuple(max(4, side // 2) for side in self.loader.size)
+        return MultiCropViews2D(hp.small_crops_2d, small_size, tuple(hp.small_crop_scale_2d), **large)
 
     def _cache_dir(self) -> Path:
         if self.hparams.cache_dir is not None:

@@ -162,7 +162,8 @@ class VolumeViewsDataset(Dataset):
 
 
 class SliceViewsDataset(Dataset):
-    """Two augmented 2D views ``(1, h, w)`` of a 2D image or of one slice of a volume.
+    """Two augmented 2D views ``(1, h, w)`` of a 2D image or of one slice of a volume (and, with multi-crop
+    ``views2d``, ``small_views`` (small_crops, 1, h', w')).
 
     Items ``0 .. len(images) - 1`` are the images (read lazily), the rest are slices. Volumes are loaded once
     here and only their kept slices are stored, so memory grows with the number of kept slices; bound it with
@@ -172,7 +173,8 @@ class SliceViewsDataset(Dataset):
         volumes: paths, :class:`VolumeSource` or tensors arranged by ``loader.load`` (``(1, S, H, W)``).
         images: 2D image paths (PNG, JPEG, DICOM).
         loader: loads the volume paths; not needed for tensors.
-        views2d: makes the two views; default :class:`TwoViews2D` with output size ``loader.size``.
+        views2d: makes the two views (and any small ones after them, as ``small_views``); default
+            :class:`TwoViews2D` with output size ``loader.size``.
         slices_per_volume: keep at most this many slices per volume, evenly spaced; ``None`` keeps all.
         min_foreground: skip slices where fewer than this fraction of pixels exceed ``foreground_level``.
         foreground_level: intensity (volumes are in 0..1) above which a pixel counts as foreground.
@@ -244,8 +246,11 @@ class SliceViewsDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
         index, seed = _split_key(key, len(self))
-        view1, view2 = seeded_views_2d(self.views2d, self.sample(index), seed)
-        return {"index": index, "view1": view1, "view2": view2}
+        views = seeded_views_2d(self.views2d, self.sample(index), seed)
+        item = {"index": index, "view1": views[0], "view2": views[1]}
+        if len(views) > 2:  # multi-crop: the small views, (small_crops, 1, h, w)
+            item["small_views"] = torch.stack(views[2:])
+        return item
 
 
 class IndexedConcatDataset(Dataset):

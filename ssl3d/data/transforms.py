@@ -125,7 +125,29 @@ class TwoViews2D:
         return self.transform(image).contiguous(), self.transform(image).contiguous()
 
 
-def seeded_views_2d(views: Callable, image: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+class MultiCropViews2D(TwoViews2D):
+    """SwAV / DeepCluster-V2's multi-crop: the two large views of :class:`TwoViews2D`, then ``small_crops`` small
+    ones of ``small_size`` pixels cut from ``small_scale`` of the image (same flip, jitter and blur)."""
+
+    def __init__(
+        self,
+        small_crops: int,
+        small_size: Sequence[int] = (32, 32),
+        small_scale: Sequence[float] = (0.05, 0.3),
+        size: Sequence[int] = (64, 64),
+        scale: Sequence[float] = (0.3, 1.0),
+        jitter: float = 0.4,
+    ) -> None:
+        super().__init__(size=size, scale=scale, jitter=jitter)
+        self.small_crops = small_crops
+        self.small = view_transform_2d(small_size, small_scale, jitter=jitter)
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        small = (self.small(image).contiguous() for _ in range(self.small_crops))
+        return (*super().__call__(image), *small)
+
+
+def seeded_views_2d(views: Callable, image: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
     """Run torch-RNG-based ``views`` under ``seed`` without disturbing the caller's global generator."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

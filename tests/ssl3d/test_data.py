@@ -492,6 +492,25 @@ def test_demo_datamodule_yields_joint_batches(tmp_path):
     assert torch.isfinite(batch["volumes"]["view1"]).all() and float(batch["slices"]["view1"].max()) <= 1.0
 
 
+def test_multi_crop_datamodule_adds_small_views_to_the_slices(tmp_path):
+    _volume_files(tmp_path, 2)
+    module = _small_module(data_dir=str(tmp_path), small_crops_2d=3)
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()["slices"]))
+    assert batch["view1"].shape == (4, 1, 16, 16)
+    assert batch["small_views"].shape == (4, 3, 1, 8, 8)  # half the size by default
+    assert not torch.equal(batch["small_views"][:, 0], batch["small_views"][:, 1])
+    again = next(iter(module.train_dataloader()["slices"]))
+    assert torch.equal(batch["small_views"], again["small_views"])
+    plain = _small_module(data_dir=str(tmp_path))
+    plain.setup("fit")
+    assert "small_views" not in next(iter(plain.train_dataloader()["slices"]))
+    with pytest.raises(ValueError, match="small_crop_scale_2d"):
+        JointSSLDataModule(small_crop_scale_2d=(0.5, 0.1))
+    with pytest.raises(ValueError, match="small_size_2d"):
+        JointSSLDataModule(small_crops_2d=2, small_size_2d=(2, 2))
+
+
 def test_datamodule_rejects_a_bad_file_before_training(tmp_path):
     _volume_files(tmp_path, 2)
     bad = tmp_path / "zz_bad.nii.gz"

@@ -120,13 +120,17 @@ def test_swav_queue_goes_to_swav_only():
     assert model.clustering_2d.queue is not None and model.clustering_2d.queue.length == 256
 
 
-def test_tiny_check_runs_end_to_end_with_a_queue(tmp_path):
+def write_tiny_fashion(folder):
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 400), ("t10k", 100)):
         labels = np.arange(n, dtype=np.uint8) % 10
         images = (rng.random((n, 16, 16)) * 60 + labels[:, None, None] * 19).astype(np.uint8)
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images, compress=False)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images, compress=False)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
+
+
+def test_tiny_check_runs_end_to_end_with_a_queue(tmp_path):
+    write_tiny_fashion(tmp_path)
     config = CheckConfig(
         backbone="resnet10t",
         train_images=100,
@@ -151,6 +155,43 @@ def test_tiny_check_runs_end_to_end_with_a_queue(tmp_path):
     assert result["config"]["split"] == "tuning" and result["config"]["swav_queue_length"] == 40
     assert "split: tuning" in (tmp_path / "out" / "fashion_check.md").read_text()
     assert (tmp_path / "out" / "fashion_check.png").is_file()
+
+
+def test_tiny_check_runs_deepcluster_with_small_crops(tmp_path):
+    write_tiny_fashion(tmp_path)
+    config = CheckConfig(
+        backbone="resnet10t",
+        train_images=100,
+        epochs=2,
+        batch_size=20,
+        prototypes=10,
+        heads_deepcluster=2,
+        projection_hidden=32,
+        projection_dim=16,
+        small_crops=3,
+        small_size=8,
+        knn_train_images=50,
+        knn_test_images=50,
+        k=5,
+        methods=["deepcluster"],
+    )
+    result = run_check(config, seeds=[0], random_seeds=2, data_dir=tmp_path, progress=False)
+    run = result["methods"]["deepcluster"]["runs"][0]
+    # DeepCluster-V2 has targets from step 0 (memory of the large views filled first): no zero loss.
+    assert run["steps"] == 10 and all(loss > 0 for loss in run["loss_intra"])
+
+
+def test_batch_views_small_crops_are_smaller_deterministic_views():
+    images = torch.rand(8, 1, 28, 28)
+    views = BatchViews(images, small_crops=3, small_size=12)
+    samples = [{"index": i, "seed": 100 + i} for i in range(8)]
+    first, again = views(samples), views(samples)
+    assert first["small_views"].shape == (8, 3, 1, 12, 12)
+    assert torch.equal(first["small_views"], again["small_views"])
+    assert not torch.equal(first["small_views"][:, 0], first["small_views"][:, 1])
+    assert "small_views" not in BatchViews(images)(samples)
+    with pytest.raises(ValueError, match="small_scale must be"):
+        BatchViews(images, small_crops=2, small_scale=(0.3, 0.1))
 
 
 def test_batch_views_without_jitter_or_blur_are_the_image_or_its_mirror():
@@ -196,3 +237,6 @@ def test_evaluate_rejects_impossible_sizes(tmp_path, capsys):
         "--swav_queue_length 64 must be 0 (no queue) or at least --batch_size 128" in capsys.readouterr().err
     )
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        evaluate_main(["fashion", "--small_crop_scale", "0.5", "0.1", "--out_dir", str(tmp_path / "out")])
+    assert "--small_crop_scale must be LOW HIGH" in capsys.readouterr().err

@@ -227,3 +227,33 @@ def test_both_heads_share_one_call_shape_and_the_swav_queue_starts_at_its_epoch(
     assert used == [4, 4, 12, 12]  # the batch alone, then the 8 queued embeddings before it
     with pytest.raises(ValueError, match="needs the samples' global indices"):
         deepcluster(views)
+
+
+@pytest.mark.parametrize("clustering", ["swav", "deepcluster"])
+def test_small_crops_train_the_encoder_and_must_match_the_data(clustering):
+    pl.seed_everything(0)
+    model = JointSSL(
+        clustering=clustering, small_crops=2, **TINY_MODEL, **(TINY_SWAV if clustering == "swav" else {})
+    )
+    model.clustering_2d.allocate(6)
+    base = torch.rand(6, 1, 32, 32)
+    slices = {
+        "index": torch.arange(6),
+        "view1": base,
+        "view2": base.flip(-1),
+        "small_views": torch.rand(6, 2, 1, 16, 16),
+    }
+    model.clustering_2d(model._slice_views(slices, small=False)[:2] * 2, slices["index"])  # memory
+    if clustering == "deepcluster":
+        model.clustering_2d.recluster(seed=0)
+    views = model._slice_views(slices)
+    assert len(views) == 4 and all(v.shape == (6, 16) for v in views)
+    # The small views alone carry gradient to the backbone: they are predictors, never targets.
+    loss = model.clustering_2d([views[0].detach(), views[1].detach(), *views[2:]], slices["index"])
+    loss.backward()
+    stem = next(p for p in model.encoder.backbone.parameters() if p.requires_grad)
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+    with pytest.raises(
+        ValueError, match="1 small views per sample but the model was built for small_crops=2"
+    ):
+        model._slice_views(slices | {"small_views": slices["small_views"][:, :1]})

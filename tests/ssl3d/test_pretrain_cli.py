@@ -92,6 +92,23 @@ def test_demo_pipeline_writes_the_whole_run_folder(tmp_path, capsys):
     assert evaluation["verdict"] in capsys.readouterr().out
 
 
+def test_multi_crop_is_set_once_for_data_and_model(tmp_path):
+    run_dir = tmp_path / "run"
+    summary = main(
+        [
+            *TINY_ARGS,
+            "--data.small_crops_2d=2",
+            "--evaluate=false",
+            f"--run_dir={run_dir}",
+            f"--data.demo_dir={tmp_path / 'demo'}",
+        ]
+    )
+    assert summary["steps"] == 4
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["small_crops"] == 2
+    assert checkpoint["datamodule_hyper_parameters"]["small_crops_2d"] == 2
+
+
 def test_misspelt_config_key_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*TINY_ARGS, "--model.lambda_intar=2", f"--run_dir={tmp_path}"])

@@ -184,7 +184,7 @@ def read_region_names(path: str | Path) -> dict[int, str]:
     return names
 
 
-def _read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A 3D NIfTI volume in RAS voxel order and its (diagonal) affine."""
     try:
         image = nib.as_closest_canonical(nib.load(str(path)))
@@ -281,8 +281,8 @@ class _Volumes:
 def _load_volumes(colin_dir: str | None) -> _Volumes:
     paths = colin27_paths(colin_dir)  # first, so a missing package is the first error a user sees
     names = read_region_names(paths["names"])
-    colin_t1, colin_t1_affine = _read_canonical(paths["t1"])
-    colin_atlas, colin_affine = _read_canonical(paths["atlas"])
+    colin_t1, colin_t1_affine = read_canonical(paths["t1"])
+    colin_atlas, colin_affine = read_canonical(paths["atlas"])
     datasets = optional_import("nilearn.datasets", extra="demo", purpose="the MNI152 template")
     template = datasets.load_mni152_template(resolution=DEMO_RESOLUTION)  # as ssl3d.data.mni.load_mni152
     mni_t1, mni_affine = np.asarray(template.dataobj, dtype=np.float32), template.affine.copy()

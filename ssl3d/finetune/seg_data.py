@@ -1,9 +1,15 @@
 """Volume segmentation data: image/label NIfTI pairs, cut into 2D slices for the slice-wise U-Net.
 
 Cases come from a MONAI decathlon-style JSON datalist, from folders (``images/`` and ``labels/`` with matching
-file names), or, with neither, from nilearn's MNI152 template (grey matter, white matter, background), trained
-on inferior axial slices and tested on superior ones with a gap between the bands, so no test slice has a
-near-copy in training. Images are preprocessed as for pretraining (0.5/99.5 percentiles to 0..1, each
+file names), or, with neither, from one of two built-in tasks:
+
+- ``demo="tissue"``: nilearn's MNI152 template (grey matter, white matter, background), trained on inferior
+  axial slices and tested on superior ones with a gap between the bands, so no test slice has a near-copy in
+  training. Tissue classes follow from intensity.
+- ``demo="lobes"``: brain lobes from the AAL atlas (7 groups of its 116 regions), trained on MNI152 (AAL
+  resampled onto it) and tested on another brain, Colin27 with its own AAL (Debian ``mricron-data``). Lobe
+  boundaries are sulci and positions, not intensities: a task that needs anatomy.
+ Images are preprocessed as for pretraining (0.5/99.5 percentiles to 0..1, each
 section resized to ``size``); labels are mapped through ``label_map`` and resized by area majority.
 
 Every pair is validated when the data module is set up, before training: shapes and affines must agree and
@@ -29,7 +35,21 @@ from agreement.runs import ResumableDataLoader
 from ssl3d.data.volumes import VolumeLoader
 from ssl3d.probe import patch_label_grid, slice_bands
 
+DEMO_TASKS = ("tissue", "lobes")
 DEMO_CLASSES = ["background", "grey matter", "white matter"]
+LOBE_CLASSES = [
+    "background",
+    "frontal",
+    "insula and limbic",
+    "occipital",
+    "parietal",
+    "deep grey",
+    "temporal",
+    "cerebellum",
+]
+# AAL's region codes (third column of aal.nii.txt) start with their lobe's digit: 2 frontal, 3 insula, 4 limbic,
+# 5 occipital, 6 parietal, 7 deep grey nuclei, 8 temporal, 9 cerebellum and vermis.
+AAL_LOBE_OF_DIGIT = {2: 1, 3: 2, 4: 2, 5: 3, 6: 4, 7: 5, 8: 6, 9: 7}
 # nilearn tissue values (see ssl3d.data.mni): 0 background, 1 grey, 2 white, 3 other brain (CSF) -> background.
 DEMO_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 0}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -139,6 +159,66 @@ def demo_cases(
         [SegmentationCase(paths["image"], paths["label"], (train[0], train[-1] + 1))],
         [SegmentationCase(paths["image"], paths["label"], (test[0], test[-1] + 1))],
     )
+
+
+def aal_lobe_lookup(names_file: str | Path) -> np.ndarray:
+    """``lookup[label]``: the ``LOBE_CLASSES`` index of each AAL label value, from an MRIcron label file (lines
+    ``label name code``); 0 for the background and anything unlisted."""
+    names_file = Path(names_file)
+    pairs = []
+    for number, line in enumerate(names_file.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3 or not fields[0].isdigit() or not fields[2].isdigit():
+            raise ValueError(f"{names_file}:{number}: expected 'label name code' (AAL), got {line!r}")
+        digit = int(fields[2][0])
+        if digit not in AAL_LOBE_OF_DIGIT:
+            raise ValueError(f"{names_file}:{number}: code {fields[2]} is not an AAL region code (2xxx-9xxx)")
+        pairs.append((int(fields[0]), AAL_LOBE_OF_DIGIT[digit]))
+    if not pairs:
+        raise ValueError(f"{names_file}: no AAL regions")
+    lookup = np.zeros(max(label for label, _ in pairs) + 1, dtype=np.uint8)
+    for label, lobe in pairs:
+        lookup[label] = lobe
+    return lookup
+
+
+def lobe_cases(
+    folder: str | Path, colin_dir: str | Path | None = None
+) -> tuple[list[SegmentationCase], list[SegmentationCase]]:
+    """The lobe task: MNI152 at 2 mm with AAL lobes resampled onto it (training), Colin27 at 1 mm with its own
+    AAL lobes (test). The label files are written to ``folder`` once, each on its image's voxel grid."""
+    from ssl3d.crosssubject import colin27_paths, resample_to_grid
+    from ssl3d.data.mni import write_mni152_nifti
+
+    colin = colin27_paths(colin_dir)  # first: a missing package is the first error a user sees
+    folder = Path(folder)
+    mni_image = folder / "mni152_t1_2mm.nii.gz"
+    if not mni_image.is_file():
+        mni_image = write_mni152_nifti(folder, resolution=2)["image"]
+    cases = {
+        "train": (mni_image, folder / "mni152_aal_lobes_2mm.nii.gz"),
+        "test": (colin["t1"], folder / "colin27_aal_lobes.nii.gz"),
+    }
+    if not all(label.is_file() for _, label in cases.values()):
+        lookup = aal_lobe_lookup(colin["names"])
+        atlas_nii = read_nifti(colin["atlas"])
+        atlas = np.asarray(atlas_nii.dataobj)
+        if (
+            atlas.ndim != 3
+            or not np.array_equal(atlas, np.round(atlas))
+            or not 0 <= atlas.min() <= atlas.max() < len(lookup)
+        ):
+            raise ValueError(f"{colin['atlas']}: expected a 3D atlas of the labels in {colin['names']}")
+        for image, label in cases.values():
+            image_nii = read_nifti(image)
+            # Nearest neighbour in world coordinates; on the atlas's own grid (Colin27) this is the identity.
+            regions = resample_to_grid(
+                atlas, atlas_nii.affine, image_nii.shape[:3], image_nii.affine, order=0
+            )
+            nib.save(nib.Nifti1Image(lookup[regions.astype(np.int64)], image_nii.affine), label)
+    return [SegmentationCase(*cases["train"])], [SegmentationCase(*cases["test"])]
 
 
 def read_label_values(path: Path, label_map: dict[int, int]) -> np.ndarray:
@@ -318,8 +398,12 @@ class SegmentationData(pl.LightningDataModule):
         unlabelled_ratio: unlabelled (background-only) slices drawn per labelled slice each epoch.
         label_fraction: share of the training slices whose labels are used (low-label setting, e.g. 0.1);
             the subset is drawn once per ``seed`` (:func:`label_subset`) from the slices of all training cases.
-        demo_bands: the demo's training and test bands as fractions of the slice axis.
+        demo: the built-in task used without a datalist or folders: ``"tissue"`` (MNI152 grey / white matter,
+            by bands) or ``"lobes"`` (AAL lobes, MNI152 -> Colin27; ``class_names`` must be ``LOBE_CLASSES``
+            and ``label_map`` null, as in ``configs/finetune/lobes.yaml``).
+        demo_bands: the tissue demo's training and test bands as fractions of the slice axis.
         demo_dir: where the demo's NIfTI files are written (default: ``<run>/demo_data``).
+        colin_dir: folder of Colin27 and the AAL atlas for ``demo="lobes"`` (default: Debian mricron-data's).
     """
 
     def __init__(
@@ -342,12 +426,22 @@ class SegmentationData(pl.LightningDataModule):
         batch_size: int = 16,
         inference_batch_size: int = 64,
         num_workers: int = 0,
+        demo: str = "tissue",
         demo_bands: tuple[tuple[float, float], tuple[float, float]] = ((0.15, 0.5), (0.55, 0.85)),
         demo_dir: str | None = None,
+        colin_dir: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if demo not in DEMO_TASKS:
+            raise ValueError(f"demo must be one of {DEMO_TASKS}, got {demo!r}")
+        uses_demo = datalist is None and train_dir is None
+        if uses_demo and demo == "lobes" and (list(class_names) != LOBE_CLASSES or label_map is not None):
+            raise ValueError(
+                f"demo='lobes' has the classes {LOBE_CLASSES} with identity labels: set class_names to them and "
+                "label_map to null (configs/finetune/lobes.yaml does)"
+            )
         if len(class_names) < 2:
             raise ValueError(f"class_names needs background and at least one class, got {class_names}")
         if not 0.0 < label_fraction <= 1.0:
@@ -409,7 +503,10 @@ class SegmentationData(pl.LightningDataModule):
                 "val": cases_from_folder(hp.val_dir) if hp.val_dir else [],
                 "test": cases_from_folder(hp.test_dir) if hp.test_dir else [],
             }
-        train, test = demo_cases(self._demo_dir(), *hp.demo_bands, slice_axis=hp.slice_axis)
+        if hp.demo == "lobes":
+            train, test = lobe_cases(self._demo_dir(), hp.colin_dir)
+        else:
+            train, test = demo_cases(self._demo_dir(), *hp.demo_bands, slice_axis=hp.slice_axis)
         return {"train": train, "val": [], "test": test}
 
     def setup(self, stage: str | None = None) -> None:

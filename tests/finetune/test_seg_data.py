@@ -8,13 +8,17 @@ import torch
 
 from ssl3d.data.volumes import VolumeLoader
 from ssl3d.finetune.seg_data import (
+    LOBE_CLASSES,
     BalancedSliceSampler,
     SegmentationCase,
     SegmentationData,
+    aal_lobe_lookup,
     cases_from_datalist,
     cases_from_folder,
+    check_pair,
     label_subset,
     load_case,
+    lobe_cases,
 )
 from tests.finetune.helpers import AFFINE, synthetic_case, write_case, write_datalist
 
@@ -132,3 +136,77 @@ def test_low_label_data_module_trains_only_on_the_chosen_slices(tmp_path):
     full = SegmentationData(**kwargs, unlabelled_ratio=10.0)
     full.setup("fit")
     assert sorted(full.train_dataset()[1]) == list(range(20))
+
+
+# -- the built-in lobe task ------------------------------------------------------------------------------------
+
+
+def _fake_colin(folder: Path) -> np.ndarray:
+    """A 1 mm 'Colin27' of 8^3 voxels whose AAL atlas has three regions, and its label file."""
+    folder.mkdir()
+    atlas = np.zeros((8, 8, 8), dtype=np.uint8)
+    atlas[:4, :, 2:] = 1  # Precentral (frontal)
+    atlas[4:, :, 2:] = 2  # Insula
+    atlas[:, :, :2] = 5  # Vermis (cerebellum)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    image = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32) + (atlas > 0)
+    nib.save(nib.Nifti1Image(image, affine), folder / "ch2bet.nii.gz")
+    nib.save(nib.Nifti1Image(atlas, affine), folder / "aal.nii.gz")
+    (folder / "aal.nii.txt").write_text("1 Precentral_L 2001\n2 Insula_L 3001\n5 Vermis_3 9120\n")
+    return atlas
+
+
+def test_aal_regions_are_grouped_into_lobes_by_their_code(tmp_path):
+    _fake_colin(tmp_path / "colin")
+    lookup = aal_lobe_lookup(tmp_path / "colin" / "aal.nii.txt")
+    assert lookup.tolist() == [0, 1, 2, 0, 0, 7]
+    assert [LOBE_CLASSES[i] for i in lookup[[1, 2, 5]]] == ["frontal", "insula and limbic", "cerebellum"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 Precentral_L 2001\n2 Insula_L\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: expected 'label name code'"):
+        aal_lobe_lookup(bad)
+
+
+def test_lobe_task_puts_the_atlas_on_each_brain_by_world_coordinates(tmp_path):
+    atlas = _fake_colin(tmp_path / "colin")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    # A 2 mm 'MNI152' of 4^3 voxels whose voxel centres fall on every other 1 mm voxel of the atlas.
+    nib.save(
+        nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])),
+        demo / "mni152_t1_2mm.nii.gz",
+    )
+    train, test = lobe_cases(demo, tmp_path / "colin")
+    lookup = np.array([0, 1, 2, 0, 0, 7])
+    mni_labels = np.asarray(nib.load(str(train[0].label)).dataobj)
+    np.testing.assert_array_equal(mni_labels, lookup[atlas[::2, ::2, ::2]])
+    np.testing.assert_array_equal(np.asarray(nib.load(str(test[0].label)).dataobj), lookup[atlas])
+    assert test[0].image == tmp_path / "colin" / "ch2bet.nii.gz"
+    for case in (*train, *test):
+        check_pair(case.image, case.label)
+
+
+def test_lobe_task_needs_its_classes_and_says_where_colin27_comes_from(tmp_path):
+    with pytest.raises(ValueError, match="demo='lobes' has the classes"):
+        SegmentationData(demo="lobes")
+    with pytest.raises(ValueError, match="demo must be one of"):
+        SegmentationData(demo="organs")
+    data = SegmentationData(
+        demo="lobes",
+        class_names=LOBE_CLASSES,
+        label_map=None,
+        colin_dir=str(tmp_path / "nowhere"),
+        demo_dir=str(tmp_path),
+    )
+    with pytest.raises(FileNotFoundError, match="mricron-data"):
+        data.setup("fit")
+
+
+def test_lobe_task_on_the_real_brains_has_every_lobe_in_both():
+    data = SegmentationData(demo="lobes", class_names=LOBE_CLASSES, label_map=None, size=(32, 32))
+    data.setup("fit")
+    (train,), (test,) = data.train_cases, data.test_cases
+    assert train.images.shape[1:] == test.images.shape[1:] == (1, 32, 32)
+    assert train.full_labels.shape[1:] == (99, 117) and test.full_labels.shape[1:] == (181, 217)
+    for case in (train, test):
+        assert set(case.labels.unique().tolist()) == set(range(len(LOBE_CLASSES)))

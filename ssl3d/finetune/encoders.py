@@ -36,13 +36,20 @@ def create_timm_encoder(model_name: str, in_chans: int = 1) -> nn.Module:
 
 
 def resolve_encoder_file(path: str | Path) -> tuple[Path, dict]:
-    """The weights file of an exported encoder (its folder or the file) and its ``encoder.json`` metadata.
+    """The weights file of an exported encoder (its folder, the file, or the run folder that holds ``encoder/``)
+    and its ``encoder.json`` metadata.
 
     A bare state-dict file without ``encoder.json`` is accepted; its metadata is then empty.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"encoder weights not found: {path}")
+    if (
+        path.is_dir()
+        and not (path / "encoder.json").is_file()
+        and (path / "encoder" / "encoder.json").is_file()
+    ):
+        path = path / "encoder"  # a pretraining or fine-tuning run folder
     folder = path if path.is_dir() else path.parent
     metadata_file = folder / "encoder.json"
     metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}

@@ -21,6 +21,20 @@ def test_exported_encoder_loads_strictly_into_the_unet(tmp_path):
     assert not torch.equal(random.net.encoder.model.conv_stem.weight, loaded["conv_stem.weight"])
 
 
+def test_a_run_folder_stands_for_its_encoder_folder(tmp_path):
+    make_encoder(tmp_path / "run" / "encoder", seed=3)
+    from_run = SegmentationTask(
+        backbone=TINY_BACKBONE, encoder=str(tmp_path / "run"), class_names=["bg", "a"]
+    )
+    direct = SegmentationTask(
+        backbone=TINY_BACKBONE, encoder=str(tmp_path / "run" / "encoder"), class_names=["bg", "a"]
+    )
+    for key, value in direct.net.encoder.model.state_dict().items():
+        torch.testing.assert_close(from_run.net.encoder.model.state_dict()[key], value)
+    with pytest.raises(FileNotFoundError, match=r"holds no encoder\.json"):
+        SegmentationTask(backbone=TINY_BACKBONE, encoder=str(tmp_path), class_names=["bg", "a"])
+
+
 def test_encoder_of_another_architecture_lists_missing_and_extra_keys(tmp_path):
     folder = make_encoder(tmp_path / "enc", name="resnet10t")
     with pytest.raises(EncoderWeightsError) as info:

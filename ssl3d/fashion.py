@@ -621,13 +621,20 @@ def report_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _small_crops(config: dict[str, Any]) -> str:
+    if not config.get("small_crops"):
+        return "none"
+    low, high = config["small_crop_scale"]
+    return f"{config['small_crops']} of {config['small_size']} px from {low:g}-{high:g} of the area"
+
+
 def write_report(result: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fashion_check.json").write_text(json.dumps(result, indent=2))
     (out_dir / "fashion_check.md").write_text(
         "# Fashion-MNIST check of the 2D branch\n\n"
         f"split: {result['config']['split']}; SwAV queue per view: {result['config']['swav_queue_length']}; "
-        f"small crops: {result['config'].get('small_crops', 0)}\n\n" + report_table(result) + "\n\n"
+        f"small crops: {_small_crops(result['config'])}\n\n" + report_table(result) + "\n\n"
         "Passes: gain over the random mean >= 0.03 and > 3 random standard deviations.\n"
     )
     import matplotlib

@@ -31,7 +31,8 @@ class KNNProbeCallback(pl.Callback):
     """Weighted-kNN accuracy of the module's features, logged as ``log_name`` (default ``knn/top1``).
 
     The LightningModule must define ``extract_features(batch) -> (features, labels)``. After every
-    ``every_n_epochs``-th validation epoch (sanity check excluded) the callback runs it over
+    ``every_n_epochs``-th validation epoch (sanity check excluded), or training epoch with ``on="train"`` (for
+    pretraining runs without a validation loop), the callback runs it over
     ``feature_loader_train`` (the kNN memory) and ``feature_loader_val`` (the queries) in eval mode without
     gradients. Each loader may be an iterable or a zero-argument callable returning one, built lazily.
 
@@ -52,8 +53,12 @@ class KNNProbeCallback(pl.Callback):
         backend: str = "torch",
         shard: bool = True,
         log_name: str = "knn/top1",
+        on: str = "validation",
     ) -> None:
         super().__init__()
+        if on not in ("validation", "train"):
+            raise ValueError(f"on must be 'validation' or 'train', got {on!r}")
+        self.on = on
         self.feature_loader_train = feature_loader_train
         self.feature_loader_val = feature_loader_val
         self.num_classes = None if num_classes is None else _positive_int(num_classes, "num_classes")
@@ -70,6 +75,7 @@ class KNNProbeCallback(pl.Callback):
         self.shard = shard
         self.log_name = log_name
         self.last_accuracy: float | None = None
+        self.history: list[tuple[int, float]] = []  # (epoch, accuracy) of every evaluation
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "extract_features", None)):
@@ -116,12 +122,23 @@ class KNNProbeCallback(pl.Callback):
         )
         return float((pred.cpu() == val_labels.cpu()).float().mean())
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
-        self.last_accuracy = self.evaluate(pl_module)
+        # Iterating loaders draws from the global generator: fork it so that monitoring leaves the run unchanged.
+        with torch.random.fork_rng(devices=[]):
+            self.last_accuracy = self.evaluate(pl_module)
+        self.history.append((trainer.current_epoch, self.last_accuracy))
         # Identical on every rank after the gather, so no further sync is needed.
         pl_module.log(self.log_name, self.last_accuracy, sync_dist=False)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on == "validation":
+            self._epoch_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on == "train":
+            self._epoch_end(trainer, pl_module)
 
 
 class ClusterUsageCallback(pl.Callback):

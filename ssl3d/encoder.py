@@ -83,6 +83,11 @@ class SliceEncoder(nn.Module):
             pooled = torch.cat([nn.functional.normalize(level, dim=1) for level in levels], dim=1)
         return self.projection(pooled)
 
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) images -> (N, num_features) globally pooled final backbone features: what a downstream
+        user of the exported backbone takes (no projection)."""
+        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+
     def embed_volumes(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, H, W) volumes -> (B, S, d_model) slice tokens."""
         if volumes.ndim != 5 or volumes.shape[1] != 1:

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from agreement.callbacks import KNNProbeCallback
 from agreement.knn import knn_accuracy
 from ssl3d.data.datasets import SeededSampler, _split_key
 from ssl3d.encoder import SliceEncoder
@@ -406,13 +407,9 @@ def cluster_usage(model: JointSSL, images: torch.Tensor, batch_size: int = 512) 
 def pooled_features(encoder: SliceEncoder, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Frozen global-average-pooled backbone features (what a downstream user takes) of ``images``."""
     encoder.eval()
-    rows = [
-        encoder.backbone.forward_head(
-            encoder.backbone.forward_features(images[i : i + batch_size]), pre_logits=True
-        )
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(rows)
+    return torch.cat(
+        [encoder.pooled_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    )
 
 
 def knn_accuracy_of(encoder: SliceEncoder, data: dict[str, torch.Tensor], k: int) -> float:
@@ -424,11 +421,33 @@ def knn_accuracy_of(encoder: SliceEncoder, data: dict[str, torch.Tensor], k: int
     return knn_accuracy(train, data["train_labels"], test, data["test_labels"], data["num_classes"], k=k)
 
 
+def online_knn_monitor(data: dict[str, torch.Tensor], k: int, batch_size: int = 512) -> KNNProbeCallback:
+    """kNN accuracy of the pooled backbone features after every epoch, with the training run's own BatchNorm
+    statistics (no re-estimation): the learning curve of the check."""
+
+    def loader(images: torch.Tensor, labels: torch.Tensor) -> DataLoader:
+        return DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+
+    return KNNProbeCallback(
+        loader(data["train_images"], data["train_labels"]),
+        loader(data["test_images"], data["test_labels"]),
+        num_classes=data["num_classes"],
+        k=k,
+        on="train",
+        log_name="knn/online_top1",
+    )
+
+
 def pretrain_2d(
-    images: torch.Tensor, clustering: str, seed: int, config: CheckConfig, run_dir: Path | None = None
+    images: torch.Tensor,
+    clustering: str,
+    seed: int,
+    config: CheckConfig,
+    run_dir: Path | None = None,
+    monitor: KNNProbeCallback | None = None,
 ) -> tuple[JointSSL, dict[str, SliceEncoder | TrainingLog]]:
-    """Train ``JointSSL``'s 2D branch on ``images`` from seed ``seed``; returns the model, its initial encoder and
-    the training log."""
+    """Train ``JointSSL``'s 2D branch on ``images`` from seed ``seed`` (with an optional online kNN
+    ``monitor``); returns the model, its initial encoder and the training log."""
     pl.seed_everything(seed, verbose=False)
     model = JointSSL(**config.model_kwargs(clustering, seed))
     initial = copy.deepcopy(model.encoder)
@@ -442,7 +461,7 @@ def pretrain_2d(
         enable_model_summary=False,
         enable_progress_bar=False,
         gradient_clip_val=None,
-        callbacks=[log],
+        callbacks=[log] if monitor is None else [log, monitor],
         default_root_dir=run_dir,
     )
     data = ImageViewsDataModule(
@@ -553,7 +572,8 @@ def run_check(
         runs = []
         for seed in seeds:
             say(f"pretraining {method}, seed {seed}: {config.epochs} epochs of {len(pretrain)} images")
-            model, extra = pretrain_2d(pretrain, method, seed, config)
+            monitor = online_knn_monitor(data, config.k)
+            model, extra = pretrain_2d(pretrain, method, seed, config, monitor=monitor)
             log: TrainingLog = extra["log"]
             accuracy = knn_accuracy_of(model.encoder, data, config.k)
             initial_acc = knn_accuracy_of(extra["initial"], data, config.k)
@@ -565,13 +585,15 @@ def run_check(
                     "paired_gain": accuracy - initial_acc,
                     "loss_intra": log.loss,
                     "cluster_usage": log.usage,
+                    "online_knn_by_epoch": [accuracy for _, accuracy in monitor.history],
                     "steps": len(log.loss),
                 }
             )
             say(
                 f"{method} seed {seed}: kNN accuracy {accuracy:.4f} (own initialisation {initial_acc:.4f}); "
                 f"L_intra {log.loss[0]:.3f} -> {log.loss[-1]:.3f} (log K = {math.log(config.prototypes):.3f}); "
-                f"cluster usage {log.usage[-1]:.3f}"
+                f"cluster usage {log.usage[-1]:.3f}; online kNN by epoch "
+                + ", ".join(f"{a:.3f}" for a in runs[-1]["online_knn_by_epoch"])
             )
         mean, std = _mean_std([r["accuracy"] for r in runs])
         gain = mean - random_mean
@@ -635,17 +657,32 @@ def write_report(result: dict[str, Any], out_dir: Path) -> None:
         "# Fashion-MNIST check of the 2D branch\n\n"
         f"split: {result['config']['split']}; SwAV queue per view: {result['config']['swav_queue_length']}; "
         f"small crops: {_small_crops(result['config'])}\n\n" + report_table(result) + "\n\n"
-        "Passes: gain over the random mean >= 0.03 and > 3 random standard deviations.\n"
+        "Passes: gain over the random mean >= 0.03 and > 3 random standard deviations.\n\n"
+        "Online kNN accuracy by epoch (the run's own BatchNorm statistics):\n\n"
+        + "".join(
+            f"- {method} seed {run['seed']}: {', '.join(f'{a:.4f}' for a in run.get('online_knn_by_epoch', []))}\n"
+            for method, m in result["methods"].items()
+            for run in m["runs"]
+        )
     )
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_ax, curve_ax, acc_ax) = plt.subplots(1, 3, figsize=(16, 4))
     for method, m in result["methods"].items():
         for run in m["runs"]:
             loss_ax.plot(run["loss_intra"], label=f"{method} seed {run['seed']}", lw=0.8)
+            online = [run["own_initialisation"], *run.get("online_knn_by_epoch", [])]
+            curve_ax.plot(range(len(online)), online, marker="o", ms=3, label=f"{method} seed {run['seed']}")
+    curve_ax.axhline(result["random"]["mean"], color="grey", ls="--", label="random mean")
+    curve_ax.set(
+        xlabel="epoch (0: initialisation, BatchNorm re-estimated)",
+        ylabel="kNN accuracy (k=20)",
+        title="online kNN (the run's BatchNorm statistics)",
+    )
+    curve_ax.legend(fontsize=7)
     loss_ax.axhline(result["log_k"], color="grey", ls="--", label="log K (chance)")
     loss_ax.set(xlabel="step", ylabel="L_intra", title="training loss")
     loss_ax.legend(fontsize=7)

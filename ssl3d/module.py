@@ -259,6 +259,12 @@ class JointSSL(pl.LightningModule):
         """(N, 1, H, W) -> (N, d_model) slice embeddings."""
         return self.encoder(self._images(images))
 
+    def extract_features(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` -> ``(pooled backbone features, labels)``, for ``agreement.callbacks.
+        KNNProbeCallback`` (an online kNN monitor of the 2D branch)."""
+        images, labels = batch
+        return self.encoder.pooled_features(self._images(images)), labels
+
     def slice_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, H, W) volumes -> (B, S, d_model) slice tokens."""
         batch, _, slices, height, width = volumes.shape

@@ -160,3 +160,39 @@ def test_callback_validation():
         _fit(TinyModule(assignments=[torch.tensor([0.0, 1.0])]), [ClusterUsageCallback(3)], val=False)
     with pytest.raises(ValueError, match="feature_loader_val produced no samples"):
         KNNProbeCallback(_loader(8, 0), []).evaluate(TinyModule())
+
+
+def test_knn_probe_after_training_epochs_leaves_the_run_unchanged():
+    train_loader, val_loader = _loader(90, 2), _loader(40, 3)
+    callback = KNNProbeCallback(train_loader, val_loader, num_classes=CLASSES, k=5, on="train")
+    monitored, plain = TinyModule(), TinyModule()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    shuffled = DataLoader(_dataset(64, 0), batch_size=16, shuffle=True)  # draws from the global generator
+    torch.manual_seed(5)
+    trainer.fit(monitored, shuffled)
+    torch.manual_seed(5)
+    _fit_plain = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    _fit_plain.fit(plain, shuffled)
+    assert [epoch for epoch, _ in callback.history] == [0, 1, 2]
+    assert callback.history[-1][1] == pytest.approx(
+        _direct_accuracy(monitored, train_loader, val_loader, k=5)
+    )
+    for a, b in zip(monitored.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="on must be 'validation' or 'train'"):
+        KNNProbeCallback(train_loader, val_loader, on="test")

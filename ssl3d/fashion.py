@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from agreement.callbacks import KNNProbeCallback
-from agreement.knn import knn_accuracy
+from agreement.knn import knn_accuracy, linear_probe
 from ssl3d.data.datasets import SeededSampler, _split_key
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
@@ -412,13 +412,16 @@ def pooled_features(encoder: SliceEncoder, images: torch.Tensor, batch_size: int
     )
 
 
-def knn_accuracy_of(encoder: SliceEncoder, data: dict[str, torch.Tensor], k: int) -> float:
-    """kNN accuracy of ``encoder`` (a copy, BatchNorm statistics re-estimated on the unlabelled train images)."""
+def probe_accuracies(encoder: SliceEncoder, data: dict[str, torch.Tensor], k: int) -> tuple[float, float]:
+    """kNN and linear-probe accuracy of ``encoder`` (a copy, BatchNorm statistics re-estimated on the unlabelled
+    train images): the weighted kNN vote, and a multinomial logistic regression (L-BFGS, 100 iterations) on the
+    same standardised frozen features."""
     encoder = copy.deepcopy(encoder).cpu()
     recalibrate_batchnorm(encoder.backbone, data["recalibrate"])
     train = pooled_features(encoder, data["train_images"])
     test = pooled_features(encoder, data["test_images"])
-    return knn_accuracy(train, data["train_labels"], test, data["test_labels"], data["num_classes"], k=k)
+    labelled = (train, data["train_labels"], test, data["test_labels"], data["num_classes"])
+    return knn_accuracy(*labelled, k=k), linear_probe(*labelled)
 
 
 def online_knn_monitor(data: dict[str, torch.Tensor], k: int, batch_size: int = 512) -> KNNProbeCallback:
@@ -558,15 +561,19 @@ def run_check(
     random_ids = list(seeds)
     while len(random_ids) < random_seeds:
         random_ids.append(next(s for s in range(len(random_ids) + max(seeds) + 1) if s not in random_ids))
-    random_acc = {}
+    random_acc, random_linear = {}, {}
     for seed in random_ids:
         pl.seed_everything(seed, verbose=False)
         encoder = JointSSL(
             **config.model_kwargs("swav", seed)
         ).encoder  # the same draws as pretrain_2d's model
-        random_acc[seed] = knn_accuracy_of(encoder, data, config.k)
-        say(f"random initialisation, seed {seed}: kNN accuracy {random_acc[seed]:.4f}")
+        random_acc[seed], random_linear[seed] = probe_accuracies(encoder, data, config.k)
+        say(
+            f"random initialisation, seed {seed}: kNN accuracy {random_acc[seed]:.4f}, "
+            f"linear probe {random_linear[seed]:.4f}"
+        )
     random_mean, random_std = _mean_std(list(random_acc.values()))
+    linear_mean, linear_std = _mean_std(list(random_linear.values()))
     methods: dict[str, Any] = {}
     for method in config.methods:
         runs = []
@@ -575,14 +582,16 @@ def run_check(
             monitor = online_knn_monitor(data, config.k)
             model, extra = pretrain_2d(pretrain, method, seed, config, monitor=monitor)
             log: TrainingLog = extra["log"]
-            accuracy = knn_accuracy_of(model.encoder, data, config.k)
-            initial_acc = knn_accuracy_of(extra["initial"], data, config.k)
+            accuracy, linear = probe_accuracies(model.encoder, data, config.k)
+            initial_acc, initial_linear = probe_accuracies(extra["initial"], data, config.k)
             runs.append(
                 {
                     "seed": seed,
                     "accuracy": accuracy,
                     "own_initialisation": initial_acc,
                     "paired_gain": accuracy - initial_acc,
+                    "linear_accuracy": linear,
+                    "own_initialisation_linear": initial_linear,
                     "loss_intra": log.loss,
                     "cluster_usage": log.usage,
                     "online_knn_by_epoch": [accuracy for _, accuracy in monitor.history],
@@ -590,7 +599,8 @@ def run_check(
                 }
             )
             say(
-                f"{method} seed {seed}: kNN accuracy {accuracy:.4f} (own initialisation {initial_acc:.4f}); "
+                f"{method} seed {seed}: kNN accuracy {accuracy:.4f} (own initialisation {initial_acc:.4f}), "
+                f"linear probe {linear:.4f} (own initialisation {initial_linear:.4f}); "
                 f"L_intra {log.loss[0]:.3f} -> {log.loss[-1]:.3f} (log K = {math.log(config.prototypes):.3f}); "
                 f"cluster usage {log.usage[-1]:.3f}; online kNN by epoch "
                 + ", ".join(f"{a:.3f}" for a in runs[-1]["online_knn_by_epoch"])
@@ -605,12 +615,21 @@ def run_check(
             "gain_in_random_stds": gain / random_std if random_std > 0 else math.inf,
             "paired_gain_mean": _mean_std([r["paired_gain"] for r in runs])[0],
             "paired_gain_std": _mean_std([r["paired_gain"] for r in runs])[1],
+            "linear_mean": _mean_std([r["linear_accuracy"] for r in runs])[0],
+            "linear_std": _mean_std([r["linear_accuracy"] for r in runs])[1],
             "passes": bool(gain >= 0.03 and gain > 3 * random_std),
         }
     result = {
         "config": asdict(config),
         "seeds": seeds,
-        "random": {"accuracy_by_seed": random_acc, "mean": random_mean, "std": random_std},
+        "random": {
+            "accuracy_by_seed": random_acc,
+            "mean": random_mean,
+            "std": random_std,
+            "linear_by_seed": random_linear,
+            "linear_mean": linear_mean,
+            "linear_std": linear_std,
+        },
         "methods": methods,
         "log_k": math.log(config.prototypes),
         "seconds": time.perf_counter() - start,
@@ -624,11 +643,11 @@ def report_table(result: dict[str, Any]) -> str:
     """The Markdown table of :func:`run_check`'s result."""
     rnd = result["random"]
     lines = [
-        "| encoder | kNN accuracy (k=20) | gain over random mean | paired gain (own init) | L_intra first -> last "
-        "(log K) | cluster usage | passes |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| encoder | kNN accuracy (k=20) | gain over random mean | paired gain (own init) | linear probe "
+        "| L_intra first -> last (log K) | cluster usage | passes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| random initialisation ({len(rnd['accuracy_by_seed'])} seeds) | {rnd['mean']:.4f} ± {rnd['std']:.4f} "
-        "| | | | | |",
+        f"| | | {_linear(rnd)} | | | |",
     ]
     for method, m in result["methods"].items():
         runs = m["runs"]
@@ -637,10 +656,15 @@ def report_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {method} ({len(runs)} seeds, {runs[0]['steps']} steps) | {m['accuracy_mean']:.4f} ± "
             f"{m['accuracy_std']:.4f} | {m['gain_over_random_mean']:+.4f} ({m['gain_in_random_stds']:.1f} std) | "
-            f"{m['paired_gain_mean']:+.4f} ± {m['paired_gain_std']:.4f} | {loss} ({result['log_k']:.2f}) | "
+            f"{m['paired_gain_mean']:+.4f} ± {m['paired_gain_std']:.4f} | {_linear(m)} | {loss} "
+            f"({result['log_k']:.2f}) | "
             f"{usage} | {'yes' if m['passes'] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def _linear(row: dict[str, Any]) -> str:
+    return f"{row['linear_mean']:.4f} ± {row['linear_std']:.4f}" if "linear_mean" in row else ""
 
 
 def _small_crops(config: dict[str, Any]) -> str:

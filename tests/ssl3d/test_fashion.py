@@ -153,6 +153,8 @@ def test_tiny_check_runs_end_to_end_with_a_queue(tmp_path):
     run = result["methods"]["swav"]["runs"][0]
     assert run["steps"] == 10 and len(result["random"]["accuracy_by_seed"]) == 2
     assert len(run["online_knn_by_epoch"]) == 2 and all(0 <= a <= 1 for a in run["online_knn_by_epoch"])
+    assert 0 <= run["linear_accuracy"] <= 1 and len(result["random"]["linear_by_seed"]) == 2
+    assert "| linear probe |" in (tmp_path / "out" / "fashion_check.md").read_text()
     assert result["config"]["split"] == "tuning" and result["config"]["swav_queue_length"] == 40
     assert "split: tuning" in (tmp_path / "out" / "fashion_check.md").read_text()
     assert (tmp_path / "out" / "fashion_check.png").is_file()

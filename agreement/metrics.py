@@ -2,7 +2,9 @@
 
 Everything is plain numpy on the CPU so results are exact and easy to check; inputs may be numpy arrays, torch
 tensors or lists. NMI and ARI are computed from the contingency table (no scikit-learn at runtime) and agree
-with scikit-learn's definitions, including their degenerate cases.
+with scikit-learn's definitions, including their degenerate cases. torchmetrics' clustering functions (1.x) are
+not used: measured on 300,000 labels in 30 clusters, its ARI overflows (-0.450 where scikit-learn gives 0.490),
+its NMI is float32 (error 6e-8) and gives 0.0 for two identical one-cluster labelings (scikit-learn: 1.0).
 """
 
 from __future__ import annotations

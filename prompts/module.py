@@ -9,7 +9,6 @@ accuracy metric and the checkpoint contents (prompts and method state only: the 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from agreement.clip import build_clip
+from agreement.schedules import WarmupCosineSchedule
 from prompts.gpa import PromptAggregator, gpa_weights
 from prompts.losses import kgcoop_loss, promptsrc_loss
 from prompts.model import PromptedCLIP, frozen_text_features
@@ -32,14 +32,6 @@ def native_cpu_bf16() -> bool:
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
-def cosine_with_warmup(epoch: int, max_epochs: int, warmup_epochs: int, warmup_factor: float) -> float:
-    """LR factor of epoch ``epoch`` (0-based): constant ``warmup_factor`` during warm-up, then
-    ``(1 + cos(pi * (epoch - warmup) / max_epochs)) / 2``."""
-    if epoch < warmup_epochs:
-        return warmup_factor
-    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / max(1, max_epochs)))
 
 
 class PromptCLIPModule(pl.LightningModule):
@@ -155,8 +147,14 @@ class PromptCLIPModule(pl.LightningModule):
         optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
         factor = hp.warmup_lr / hp.lr if hp.lr > 0 else 1.0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda e: cosine_with_warmup(e, max_epochs, hp.warmup_epochs, factor)
+        # Dassl's recipe: a constant rate during warm-up, then a cosine over max_epochs from the warm-up's end.
+        scheduler = WarmupCosineSchedule(
+            optimizer,
+            hp.warmup_epochs,
+            max_epochs,
+            warmup="constant",
+            constant_factor=factor,
+            decay_steps=max_epochs,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 

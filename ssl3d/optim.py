@@ -1,8 +1,7 @@
-"""Optimisers and per-step learning-rate schedules of the pretraining recipe."""
+"""Optimisers of the pretraining recipe (its schedule is ``agreement.schedules``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -66,28 +65,3 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose 'lars', 'adamw' or 'sgd'")
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0) -> float:
-    """LR multiplier: linear ramp from 0 over ``warmup_steps``, then cosine down to ``final_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return step / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class WarmupCosineSchedule(torch.optim.lr_scheduler.LRScheduler):
-    """Per-step warm-up then cosine decay; its state is plain numbers, so checkpoints restore it exactly."""
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, final_ratio: float = 0.0
-    ) -> None:
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.final_ratio = final_ratio
-        super().__init__(optimizer)
-
-    def get_lr(self) -> list[float]:
-        factor = warmup_cosine(self.last_epoch, self.warmup_steps, self.total_steps, self.final_ratio)
-        return [base * factor for base in self.base_lrs]

@@ -1,5 +1,5 @@
-"""Optimizer and per-step warm-up + cosine schedule shared by the fine-tuning tasks (the schedule ramps from
-``1 / (warmup + 1)``, not from 0 as pretraining's ``ssl3d.optim.warmup_cosine``, so the first step trains)."""
+"""Optimizer and per-step schedule shared by the fine-tuning tasks (``agreement.schedules`` with the ramp shifted
+by one step, so that the first step trains)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from agreement.schedules import WarmupCosineSchedule
 from ssl3d.optim import build_optimizer as pretraining_optimizer
 
 Optimizer = Literal["adamw", "sgd"]
@@ -25,18 +26,12 @@ def build_optimizer(
     return pretraining_optimizer(groups, name, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> dict:
-    """Lightning scheduler config: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+def scheduler_config(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> dict:
+    """Lightning scheduler config: linear warm-up over ``warmup_steps`` (the first step at ``1 / (warmup + 1)``),
+    then cosine decay to 0 at ``total_steps``, stepped per optimizer step."""
     total_steps = max(int(total_steps), 1)
     warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps, total_steps, first_step_trains=True)
     return {"scheduler": scheduler, "interval": "step"}
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ssl3d.finetune.encoders import encoder_param_groups
 from ssl3d.finetune.metrics import classification_metrics
-from ssl3d.finetune.optim import build_optimizer, steps_per_epoch, warmup_cosine
+from ssl3d.finetune.optim import build_optimizer, scheduler_config, steps_per_epoch
 
 
 class FinetuneTask(pl.LightningModule):
@@ -55,7 +55,7 @@ class FinetuneTask(pl.LightningModule):
         optimizer = build_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
         total = self.trainer.estimated_stepping_batches
         warmup = round(hp.warmup_epochs * steps_per_epoch(self.trainer))
-        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine(optimizer, total, warmup)}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, total, warmup)}
 
 
 class ClassificationTask(FinetuneTask):

@@ -3,7 +3,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl3d.finetune.optim import steps_per_epoch, warmup_cosine
+from ssl3d.finetune.optim import scheduler_config, steps_per_epoch
 
 
 class _Tiny(pl.LightningModule):
@@ -21,7 +21,7 @@ class _Tiny(pl.LightningModule):
             "per_epoch": steps_per_epoch(self.trainer),
             "total": self.trainer.estimated_stepping_batches,
         }
-        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine(optimizer, self.seen["total"], 0)}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, self.seen["total"], 0)}
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=3)  # 4 batches

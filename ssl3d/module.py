@@ -27,8 +27,8 @@ from agreement.clustering import ClusteringHead, DeepClusterV2Clustering, SwAVCl
 from agreement.losses import masked_embedding_regression
 from agreement.prototypes import ProjectionHead
 from agreement.schedules import WarmupCosineSchedule
-from ssl3d.attention import MaskedSliceModel, SliceTransformer, random_slice_mask
-from ssl3d.encoder import SliceEncoder
+from ssl3d.architecture import SliceModelConfig
+from ssl3d.attention import MaskedSliceModel, random_slice_mask
 from ssl3d.optim import build_optimizer, parameter_groups, scaled_lr
 from ssl3d.rng import rng_state, set_rng_state
 
@@ -147,22 +147,8 @@ class JointSSL(pl.LightningModule):
             raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
         if small_crops < 0:
             raise ValueError(f"small_crops must be >= 0, got {small_crops}")
-        self.encoder = SliceEncoder(
-            backbone, d_model, multi_level=multi_level, pretrained_path=pretrained_backbone
-        )
-        self.transformer = SliceTransformer(
-            d_model=d_model,
-            num_layers=num_layers,
-            heads=heads,
-            dim_head=dim_head,
-            ffn_hidden=ffn_hidden,
-            dropout=dropout,
-            layout=attention_layout,
-            num_slices=num_slices if attention_layout == "code" else None,
-            downsample_factor=downsample_factor,
-            offset_scale=offset_scale,
-            offset_kernel_size=offset_kernel_size,
-        )
+        self.architecture = SliceModelConfig.from_mapping(self.hparams)
+        self.encoder, self.transformer = self.architecture.build(pretrained_backbone)
         self.masked_model = MaskedSliceModel(self.transformer, d_model)
         self.projection_2d = ProjectionHead(d_model, projection_hidden, projection_dim)
         self._check_head_settings()

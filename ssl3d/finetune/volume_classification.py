@@ -13,7 +13,6 @@ and every label is validated when the data module is set up, before training.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -27,45 +26,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from agreement.inputs import load_torch_file
 from agreement.runs import ResumableDataLoader
-from ssl3d.attention import SliceTransformer
+from ssl3d.architecture import SliceModelConfig
 from ssl3d.data.sources import list_volumes
 from ssl3d.data.volumes import VolumeLoader, check_volumes
-from ssl3d.encoder import SliceEncoder
 from ssl3d.finetune.encoders import EncoderWeightsError, set_trainable, state_mismatches
 from ssl3d.finetune.optim import Optimizer
 from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)
 
-# JointSSL hyper-parameters that define the slice encoder and the slice Transformer.
-ARCHITECTURE = (
-    "backbone",
-    "multi_level",
-    "d_model",
-    "num_slices",
-    "num_layers",
-    "heads",
-    "dim_head",
-    "ffn_hidden",
-    "dropout",
-    "attention_layout",
-    "downsample_factor",
-    "offset_scale",
-    "offset_kernel_size",
-)
 CHECKPOINT_NAMES = ("checkpoints/last.ckpt", "last.ckpt")
 
 
 class CheckpointWeightsError(EncoderWeightsError):
     """A pretraining checkpoint whose encoder/transformer weights do not fit the model built for it."""
-
-
-def jointssl_defaults() -> dict[str, Any]:
-    """JointSSL's default architecture (the random initialisation when no argument or checkpoint sets it)."""
-    from ssl3d.module import JointSSL
-
-    parameters = inspect.signature(JointSSL.__init__).parameters
-    return {name: parameters[name].default for name in ARCHITECTURE}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -187,44 +161,31 @@ class VolumeClassifier(ClassificationTask):
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
 
-        given = {name: getattr(self.hparams, name) for name in ARCHITECTURE}
+        names = SliceModelConfig.names()
+        given = {name: getattr(self.hparams, name) for name in names}
         state, source_hparams = (None, {}) if encoder is None else read_checkpoint(encoder)
-        defaults = jointssl_defaults()
-        base = {name: source_hparams.get(name, defaults[name]) for name in ARCHITECTURE}
-        self.architecture = {
-            name: base[name] if given[name] is None else given[name] for name in ARCHITECTURE
-        }
-        arch = self.architecture
-        self.encoder = SliceEncoder(arch["backbone"], arch["d_model"], multi_level=arch["multi_level"])
-        self.transformer = SliceTransformer(
-            d_model=arch["d_model"],
-            num_layers=arch["num_layers"],
-            heads=arch["heads"],
-            dim_head=arch["dim_head"],
-            ffn_hidden=arch["ffn_hidden"],
-            dropout=arch["dropout"],
-            layout=arch["attention_layout"],
-            num_slices=arch["num_slices"] if arch["attention_layout"] == "code" else None,
-            downsample_factor=arch["downsample_factor"],
-            offset_scale=arch["offset_scale"],
-            offset_kernel_size=arch["offset_kernel_size"],
+        # Given arguments first, then the checkpoint's, then the defaults (JointSSL's).
+        base = SliceModelConfig.from_mapping(source_hparams).as_dict()
+        self.architecture = SliceModelConfig(
+            **{name: base[name] if given[name] is None else given[name] for name in names}
         )
+        self.encoder, self.transformer = self.architecture.build()
         if state is not None:
             self._load_pretrained(state, source_hparams, given, resolve_checkpoint(encoder))
         else:
-            log.info("volume classifier randomly initialised: %s", arch)
+            log.info("volume classifier randomly initialised: %s", self.architecture)
         if freeze_encoder:
             set_trainable(self.encoder, False)
         if freeze_transformer:
             set_trainable(self.transformer, False)
-        self.head = nn.Linear(arch["d_model"], self.num_classes)
+        self.head = nn.Linear(self.architecture.d_model, self.num_classes)
 
     def _load_pretrained(
         self, state: dict[str, torch.Tensor], source_hparams: dict, given: dict, path: Path
     ) -> None:
         overridden = [
             f"{name}={given[name]!r} (checkpoint: {source_hparams[name]!r})"
-            for name in ARCHITECTURE
+            for name in SliceModelConfig.names()
             if given[name] is not None and name in source_hparams and given[name] != source_hparams[name]
         ]
         note = (
@@ -247,9 +208,9 @@ class VolumeClassifier(ClassificationTask):
             raise ValueError(f"model num_classes={self.num_classes} but data num_classes={data_classes}")
         slices = getattr(hparams, "slices_per_volume", None)
         arch = self.architecture
-        if arch["attention_layout"] == "code" and slices is not None and slices != arch["num_slices"]:
+        if arch.attention_layout == "code" and slices is not None and slices != arch.num_slices:
             raise ValueError(
-                f"attention_layout='code' needs exactly num_slices={arch['num_slices']} slices, "
+                f"attention_layout='code' needs exactly num_slices={arch.num_slices} slices, "
                 f"but the data gives {slices}"
             )
 

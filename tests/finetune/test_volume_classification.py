@@ -74,8 +74,8 @@ def test_loads_encoder_and_transformer_strictly_from_the_checkpoint(pretrain_run
     run, pretrained = pretrain_run
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     model = VolumeClassifier(num_classes=3, encoder=str(run))  # the run folder finds checkpoints/last.ckpt
-    assert model.architecture["d_model"] == TINY_MODEL["d_model"]
-    assert model.architecture["backbone"] == TINY_MODEL["backbone"]
+    assert model.architecture.d_model == TINY_MODEL["d_model"]
+    assert model.architecture.backbone == TINY_MODEL["backbone"]
     own = {**{f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}}
     own.update({f"transformer.{k}": v for k, v in model.transformer.state_dict().items()})
     saved = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(("encoder.", "transformer."))}
@@ -113,7 +113,7 @@ def test_random_init_uses_the_given_architecture_and_freezing(pretrain_run):
     model = VolumeClassifier(
         num_classes=2, **{k: TINY_MODEL[k] for k in ("backbone", "d_model", "num_layers")}
     )
-    assert model.architecture["num_layers"] == 1 and model.architecture["heads"] == 8  # JointSSL's default
+    assert model.architecture.num_layers == 1 and model.architecture.heads == 8  # JointSSL's default
     frozen = VolumeClassifier(num_classes=2, encoder=str(pretrain_run[0]), freeze_encoder=True)
     trainable = {n.split(".")[0] for n, p in frozen.named_parameters() if p.requires_grad}
     assert trainable == {"transformer", "head"}

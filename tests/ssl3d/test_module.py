@@ -257,3 +257,14 @@ def test_small_crops_train_the_encoder_and_must_match_the_data(clustering):
         ValueError, match="1 small views per sample but the model was built for small_crops=2"
     ):
         model._slice_views(slices | {"small_views": slices["small_views"][:, :1]})
+
+
+def test_the_architecture_defaults_are_one_configuration():
+    import inspect
+
+    from ssl3d.architecture import SliceModelConfig
+
+    defaults = inspect.signature(JointSSL.__init__).parameters
+    assert {name: defaults[name].default for name in SliceModelConfig.names()} == SliceModelConfig().as_dict()
+    model = JointSSL(**TINY_MODEL)
+    assert model.architecture == SliceModelConfig.from_mapping({**SliceModelConfig().as_dict(), **TINY_MODEL})

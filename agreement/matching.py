@@ -8,6 +8,7 @@ off a labelling of the left items.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
@@ -168,27 +169,59 @@ class BipartiteGraph:
         return [(int(r), int(c)) for r, c in zip(rows, cols) if dense[r, c] > 0]
 
 
-def _group_indices(
-    group: Iterable[Hashable], lookup: dict[Hashable, int] | None, side: str, position: int
-) -> np.ndarray:
-    items = list(group)
+def _sized_groups(groups: Iterable[Iterable[Hashable]]) -> tuple[list, np.ndarray]:
+    """``groups`` as a list of groups with a length (one-shot iterators become lists), and the lengths."""
+    groups = list(groups)
+    try:
+        lengths = np.fromiter(map(len, groups), dtype=np.int64, count=len(groups))
+    except TypeError:
+        groups = [list(group) for group in groups]
+        lengths = np.fromiter(map(len, groups), dtype=np.int64, count=len(groups))
+    return groups, lengths
+
+
+def _incidence(
+    groups: list,
+    lengths: np.ndarray,
+    lookup: dict[Hashable, int] | None,
+    side: str,
+    size: int | None,
+    count_repeats: bool,
+) -> sp.csr_matrix:
+    """Groups x items matrix: how often each item is in each group (``count_repeats``), else 1 if it is."""
+    items = list(itertools.chain.from_iterable(groups))
+    owner = np.repeat(np.arange(len(groups)), lengths)
     if lookup is not None:
-        try:
-            indices = [lookup[item] for item in items]
-        except KeyError as error:
+        missing = next((n for n, item in enumerate(items) if item not in lookup), None)
+        if missing is not None:
             raise ValueError(
-                f"{side} group {position} contains {error.args[0]!r}, not in {side}_vocab"
-            ) from None
+                f"{side} group {owner[missing]} contains {items[missing]!r}, not in {side}_vocab"
+            )
+        ids = np.fromiter((lookup[item] for item in items), dtype=np.int64, count=len(items))
     else:
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, int | np.integer) or item < 0:
-                raise ValueError(
-                    f"{side} group {position} contains {item!r}; without {side}_vocab ids must be "
-                    "non-negative integers"
-                )
-        indices = [int(item) for item in items]
-    # A co-occurrence is a set relation: repeating an id inside one group does not add weight.
-    return np.unique(np.asarray(indices, dtype=np.int64))
+        ids = np.array(items) if items else np.zeros(0, dtype=np.int64)
+        # numpy reads True as 1: bools are looked for separately.
+        if ids.dtype.kind not in "iu" or ids.min(initial=0) < 0 or bool in set(map(type, items)):
+            bad = next(
+                n
+                for n, item in enumerate(items)
+                if isinstance(item, bool) or not isinstance(item, int | np.integer) or item < 0
+            )
+            raise ValueError(
+                f"{side} group {owner[bad]} contains {items[bad]!r}; without {side}_vocab ids must be "
+                "non-negative integers"
+            )
+        ids = ids.astype(np.int64, copy=False)
+    largest = int(ids.max()) if ids.size else -1
+    if size is None:
+        size = largest + 1
+    elif size < largest + 1:
+        raise ValueError(f"num_{side}={size} is too small for {side} id {largest}")
+    matrix = sp.csr_matrix((np.ones(ids.size), (owner, ids)), shape=(len(groups), size))
+    matrix.sum_duplicates()
+    if not count_repeats:
+        matrix.data[:] = 1.0  # a co-occurrence is a set relation: a repeated id adds no weight
+    return matrix
 
 
 def cooccurrence_graph(
@@ -201,17 +234,22 @@ def cooccurrence_graph(
     num_left: int | None = None,
     num_right: int | None = None,
     sparse: bool = False,
+    count_repeats: bool = False,
 ) -> BipartiteGraph:
     """Build ``W[l, r] = sum of the weights of the groups that contain both l and r``.
 
     Group ``g`` is the pair ``(left_groups[g], right_groups[g])`` of items seen together (e.g. face clusters
     in a frame and names in the matching caption window); ``weights[g]`` (default 1) must be finite and
-    non-negative. Each distinct pair counts once per group. Items are looked up in ``left_vocab`` /
-    ``right_vocab`` when given (any hashable ids); otherwise they must be non-negative integers used as
-    indices, and the graph has ``num_left`` / ``num_right`` nodes (default: largest id + 1). ``sparse=True``
-    stores a CSR matrix, for large vocabularies.
+    non-negative. Each distinct pair counts once per group; with ``count_repeats`` an item listed ``n`` times
+    in a group counts ``n`` times (a multiset: ``W[l, r] = sum_g w_g * n_g(l) * n_g(r)``). Items are looked up
+    in ``left_vocab`` / ``right_vocab`` when given (any hashable ids); otherwise they must be non-negative
+    integers used as indices, and the graph has ``num_left`` / ``num_right`` nodes (default: largest id + 1).
+    ``sparse=True`` stores a CSR matrix, for large vocabularies. Built as one sparse product (no loop over
+    groups), so it scales to hundreds of thousands of groups.
     """
-    left_groups, right_groups = list(left_groups), list(right_groups)
+    (left_groups, left_lengths), (right_groups, right_lengths) = map(
+        _sized_groups, (left_groups, right_groups)
+    )
     if len(left_groups) != len(right_groups):
         raise ValueError(
             f"left_groups and right_groups must have the same length, got {len(left_groups)} and {len(right_groups)}"
@@ -227,43 +265,29 @@ def cooccurrence_graph(
         if not np.isfinite(group_weights).all() or (group_weights < 0).any():
             raise ValueError("weights must be finite and non-negative")
 
-    left_lookup = None if left_vocab is None else {item: i for i, item in enumerate(left_vocab)}
-    right_lookup = None if right_vocab is None else {item: i for i, item in enumerate(right_vocab)}
-    rows: list[np.ndarray] = []
-    cols: list[np.ndarray] = []
-    vals: list[np.ndarray] = []
-    max_left = max_right = -1
-    for g, (left, right) in enumerate(zip(left_groups, right_groups)):
-        li = _group_indices(left, left_lookup, "left", g)
-        ri = _group_indices(right, right_lookup, "right", g)
-        if li.size:
-            max_left = max(max_left, int(li[-1]))
-        if ri.size:
-            max_right = max(max_right, int(ri[-1]))
-        if li.size and ri.size:
-            rows.append(np.repeat(li, ri.size))
-            cols.append(np.tile(ri, li.size))
-            vals.append(np.full(li.size * ri.size, group_weights[g]))
+    def size(vocab: Sequence[Hashable] | None, given: int | None, side: str) -> int | None:
+        if vocab is not None and given is not None and given != len(vocab):
+            raise ValueError(f"num_{side}={given} disagrees with len({side}_vocab)={len(vocab)}")
+        return len(vocab) if vocab is not None else given
 
-    def _size(vocab: Sequence[Hashable] | None, given: int | None, largest: int, side: str) -> int:
-        if vocab is not None:
-            if given is not None and given != len(vocab):
-                raise ValueError(f"num_{side}={given} disagrees with len({side}_vocab)={len(vocab)}")
-            return len(vocab)
-        if given is None:
-            return largest + 1
-        if given < largest + 1:
-            raise ValueError(f"num_{side}={given} is too small for {side} id {largest}")
-        return given
+    def lookup(vocab: Sequence[Hashable] | None) -> dict[Hashable, int] | None:
+        return None if vocab is None else {item: i for i, item in enumerate(vocab)}
 
-    shape = (
-        _size(left_vocab, num_left, max_left, "left"),
-        _size(right_vocab, num_right, max_right, "right"),
+    left = _incidence(
+        left_groups,
+        left_lengths,
+        lookup(left_vocab),
+        "left",
+        size(left_vocab, num_left, "left"),
+        count_repeats,
     )
-    if rows:
-        data = (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols)))
-        # COO -> CSR sums the repeated (l, r) entries coming from different groups.
-        matrix = sp.coo_matrix(data, shape=shape).tocsr()
-    else:
-        matrix = sp.csr_matrix(shape, dtype=np.float64)
+    right = _incidence(
+        right_groups,
+        right_lengths,
+        lookup(right_vocab),
+        "right",
+        size(right_vocab, num_right, "right"),
+        count_repeats,
+    )
+    matrix = sp.csr_matrix(left.T @ sp.diags(group_weights) @ right)
     return BipartiteGraph(matrix if sparse else matrix.toarray(), left_vocab, right_vocab)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -20,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from agreement.kmeans import kmeans
-from agreement.matching import BipartiteGraph, hungarian_match
+from agreement.matching import BipartiteGraph, cooccurrence_graph, hungarian_match
 
 Vote = Literal["majority", "frequency"]
 
@@ -31,12 +32,14 @@ def weak_label_graph(weak_ids: Sequence[Sequence[int]], num_classes: int) -> Bip
     Every face of a frame is linked to every name of the frame's caption (the complete bipartite graph of the
     frame), so a face's row is the multiset of its caption's names; faces without names have an empty row.
     """
-    rows = np.repeat(np.arange(len(weak_ids)), [len(ids) for ids in weak_ids])
-    cols = np.fromiter((c for ids in weak_ids for c in ids), dtype=np.int64, count=len(rows))
-    if cols.size and (cols.min() < 0 or cols.max() >= num_classes):
+    faces = [range(face, face + 1) for face in range(len(weak_ids))]  # one group per face
+    names = list(weak_ids)
+    flat = np.fromiter(itertools.chain.from_iterable(names), dtype=np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= num_classes):
         raise ValueError(f"weak label ids must lie in [0, {num_classes})")
-    matrix = sp.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(weak_ids), num_classes)).tocsr()
-    return BipartiteGraph(matrix)
+    return cooccurrence_graph(
+        faces, names, num_left=len(faces), num_right=num_classes, sparse=True, count_repeats=True
+    )
 
 
 def weak_label_distribution(graph: BipartiteGraph, unknown_id: int) -> np.ndarray:

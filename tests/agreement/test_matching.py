@@ -154,3 +154,16 @@ def test_cooccurrence_validation():
         cooccurrence_graph([[3]], [[0]], num_left=2)
     with pytest.raises(ValueError, match="disagrees with len"):
         cooccurrence_graph([["a"]], [[0]], left_vocab=["a"], num_left=3)
+
+
+def test_count_repeats_makes_groups_multisets():
+    left, right = [[0], [0, 1], [1, 1]], [[2, 2, 0], [0], [1]]
+    weights = [1.0, 0.5, 2.0]
+    graph = cooccurrence_graph(left, right, weights, count_repeats=True)
+    reference = np.zeros((2, 3))
+    for ls, rs, w in zip(left, right, weights):
+        for a in ls:  # every listed occurrence, repeats included
+            for b in rs:
+                reference[a, b] += w
+    np.testing.assert_allclose(graph.to_dense(), reference)
+    assert cooccurrence_graph(left, right, weights).to_dense()[0, 2] == 1.0  # a set: once per group

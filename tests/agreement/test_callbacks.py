@@ -165,29 +165,23 @@ def test_callback_validation():
 def test_knn_probe_after_training_epochs_leaves_the_run_unchanged():
     train_loader, val_loader = _loader(90, 2), _loader(40, 3)
     callback = KNNProbeCallback(train_loader, val_loader, num_classes=CLASSES, k=5, on="train")
-    monitored, plain = TinyModule(), TinyModule()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
     shuffled = DataLoader(_dataset(64, 0), batch_size=16, shuffle=True)  # draws from the global generator
-    torch.manual_seed(5)
-    trainer.fit(monitored, shuffled)
-    torch.manual_seed(5)
-    _fit_plain = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    _fit_plain.fit(plain, shuffled)
+
+    def fit(module, callbacks):
+        torch.manual_seed(5)
+        trainer = pl.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        trainer.fit(module, shuffled)
+        return module
+
+    monitored, plain = fit(TinyModule(), [callback]), fit(TinyModule(), [])
     assert [epoch for epoch, _ in callback.history] == [0, 1, 2]
     assert callback.history[-1][1] == pytest.approx(
         _direct_accuracy(monitored, train_loader, val_loader, k=5)

@@ -52,6 +52,9 @@ HEAD_SETTINGS = {
 class JointSSL(pl.LightningModule):
     """Joint image-volume self-supervised pretraining.
 
+    The architecture arguments (backbone to offset_kernel_size) are gathered in ``self.architecture``, a
+    :class:`ssl3d.architecture.SliceModelConfig`, which volume classification reuses.
+
     Args:
         backbone: timm 2D backbone of the slice encoder (single-channel input).
         pretrained_backbone: optional local timm state dict to start from (nothing is downloaded).

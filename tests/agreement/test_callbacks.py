@@ -61,7 +61,7 @@ def _loader(n, seed, batch_size=16):
     return DataLoader(_dataset(n, seed), batch_size=batch_size)
 
 
-def _fit(module, callbacks, max_epochs=1, val=True):
+def _fit(module, callbacks, max_epochs=1, val=True, train=None):
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
@@ -73,7 +73,7 @@ def _fit(module, callbacks, max_epochs=1, val=True):
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|no `val_dataloader`).*")
-        trainer.fit(module, _loader(64, 0), _loader(32, 1) if val else None)
+        trainer.fit(module, train or _loader(64, 0), _loader(32, 1) if val else None)
     return trainer
 
 
@@ -169,16 +169,7 @@ def test_knn_probe_after_training_epochs_leaves_the_run_unchanged():
 
     def fit(module, callbacks):
         torch.manual_seed(5)
-        trainer = pl.Trainer(
-            max_epochs=3,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        )
-        trainer.fit(module, shuffled)
+        _fit(module, callbacks, max_epochs=3, val=False, train=shuffled)
         return module
 
     monitored, plain = fit(TinyModule(), [callback]), fit(TinyModule(), [])

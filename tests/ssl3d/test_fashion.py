@@ -129,23 +129,24 @@ def write_tiny_fashion(folder):
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
 
 
+TINY_CHECK = dict(
+    backbone="resnet10t",
+    train_images=100,
+    epochs=2,
+    batch_size=20,
+    prototypes=10,
+    projection_hidden=32,
+    projection_dim=16,
+    knn_train_images=50,
+    knn_test_images=50,
+    k=5,
+)
+
+
 def test_tiny_check_runs_end_to_end_with_a_queue(tmp_path):
     write_tiny_fashion(tmp_path)
     config = CheckConfig(
-        backbone="resnet10t",
-        train_images=100,
-        epochs=2,
-        batch_size=20,
-        prototypes=10,
-        projection_hidden=32,
-        projection_dim=16,
-        swav_queue_length=40,
-        freeze_prototypes_steps=2,
-        knn_train_images=50,
-        knn_test_images=50,
-        k=5,
-        methods=["swav"],
-        split="tuning",
+        **TINY_CHECK, swav_queue_length=40, freeze_prototypes_steps=2, methods=["swav"], split="tuning"
     )
     result = run_check(
         config, seeds=[0], random_seeds=2, data_dir=tmp_path, out_dir=tmp_path / "out", progress=False
@@ -163,20 +164,7 @@ def test_tiny_check_runs_end_to_end_with_a_queue(tmp_path):
 def test_tiny_check_runs_deepcluster_with_small_crops(tmp_path):
     write_tiny_fashion(tmp_path)
     config = CheckConfig(
-        backbone="resnet10t",
-        train_images=100,
-        epochs=2,
-        batch_size=20,
-        prototypes=10,
-        heads_deepcluster=2,
-        projection_hidden=32,
-        projection_dim=16,
-        small_crops=3,
-        small_size=8,
-        knn_train_images=50,
-        knn_test_images=50,
-        k=5,
-        methods=["deepcluster"],
+        **TINY_CHECK, heads_deepcluster=2, small_crops=3, small_size=8, methods=["deepcluster"]
     )
     result = run_check(config, seeds=[0], random_seeds=2, data_dir=tmp_path, progress=False)
     run = result["methods"]["deepcluster"]["runs"][0]

@@ -73,3 +73,27 @@ def test_latest_encoder_is_the_newest_pretraining_run(tmp_path):
     assert latest_encoder(tmp_path) == tmp_path / "20250101-000000" / "encoder"
     assert resolve_encoder("latest", [], root=tmp_path) == str(tmp_path / "20250101-000000" / "encoder")
     assert resolve_encoder(None, [], root=tmp_path) is None
+
+
+def test_the_lobe_config_trains_on_mni152_and_tests_on_colin27(tmp_path):
+    from ssl3d.finetune.cli import CONFIG_DIR
+    from ssl3d.finetune.seg_data import LOBE_CLASSES
+
+    summary = main(
+        [
+            f"--config={CONFIG_DIR / 'lobes.yaml'}",
+            f"--run_dir={tmp_path / 'run'}",
+            "--compare_random=false",
+            "--model.init_args.encoder=null",
+            "--model.init_args.backbone=resnet10t",
+            "--model.init_args.decoder_channels=[32,16,16,8,8]",
+            "--model.init_args.hd95=false",
+            "--data.init_args.size=[32,32]",
+            "--trainer.max_epochs=-1",
+            "--trainer.max_steps=2",
+        ]
+    )
+    (variant,) = summary["variants"]
+    assert set(variant["summary"]) == {*LOBE_CLASSES, "mean (foreground)"}
+    written = nib.load(str(tmp_path / "run" / "random" / "predictions" / "ch2bet.nii.gz"))
+    assert written.shape == (181, 217, 181)  # Colin27's own grid

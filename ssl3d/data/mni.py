@@ -42,15 +42,28 @@ def load_mni152(resolution: int = 2) -> MNI152:
     return MNI152(t1=t1, tissue=tissue, affine=t1_img.affine.copy())
 
 
-def write_mni152_nifti(folder: str | Path, resolution: int = 2) -> dict[str, Path]:
-    """Write the template and its tissue labels as NIfTI files under ``folder``; return their paths."""
+def mni152_paths(folder: str | Path, resolution: int = 2) -> dict[str, Path]:
+    """Where :func:`write_mni152_nifti` puts the template (``image``) and its tissue labels (``label``)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    mni = load_mni152(resolution)
-    paths = {
+    return {
         "image": folder / f"mni152_t1_{resolution}mm.nii.gz",
         "label": folder / f"mni152_tissue_{resolution}mm.nii.gz",
     }
+
+
+def mni152_nifti(folder: str | Path, resolution: int = 2) -> dict[str, Path]:
+    """The template and tissue-label files under ``folder``, written on first use."""
+    paths = mni152_paths(folder, resolution)
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    return write_mni152_nifti(folder, resolution)
+
+
+def write_mni152_nifti(folder: str | Path, resolution: int = 2) -> dict[str, Path]:
+    """Write the template and its tissue labels as NIfTI files under ``folder``; return their paths."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    mni = load_mni152(resolution)
+    paths = mni152_paths(folder, resolution)
     nib.save(nib.Nifti1Image(mni.t1, mni.affine), paths["image"])
     nib.save(nib.Nifti1Image(mni.tissue.astype(np.uint8), mni.affine), paths["label"])
     return paths

@@ -147,12 +147,9 @@ def demo_cases(
     slice_axis: int = 2,
 ) -> tuple[list[SegmentationCase], list[SegmentationCase]]:
     """The MNI152 2 mm template: training on one band of slices, testing on a disjoint band after a gap."""
-    from ssl3d.data.mni import write_mni152_nifti
+    from ssl3d.data.mni import mni152_nifti
 
-    folder = Path(folder)
-    paths = {"image": folder / "mni152_t1_2mm.nii.gz", "label": folder / "mni152_tissue_2mm.nii.gz"}
-    if not all(p.is_file() for p in paths.values()):
-        paths = write_mni152_nifti(folder, resolution=2)
+    paths = mni152_nifti(folder, resolution=2)
     length = nib.load(str(paths["image"])).shape[slice_axis]
     train, test = slice_bands(length, train_band, test_band)
     return (
@@ -190,13 +187,11 @@ def lobe_cases(
     """The lobe task: MNI152 at 2 mm with AAL lobes resampled onto it (training), Colin27 at 1 mm with its own
     AAL lobes (test). The label files are written to ``folder`` once, each on its image's voxel grid."""
     from ssl3d.crosssubject import colin27_paths, resample_to_grid
-    from ssl3d.data.mni import write_mni152_nifti
+    from ssl3d.data.mni import mni152_nifti
 
     colin = colin27_paths(colin_dir)  # first: a missing package is the first error a user sees
     folder = Path(folder)
-    mni_image = folder / "mni152_t1_2mm.nii.gz"
-    if not mni_image.is_file():
-        mni_image = write_mni152_nifti(folder, resolution=2)["image"]
+    mni_image = mni152_nifti(folder, resolution=2)["image"]
     cases = {
         "train": (mni_image, folder / "mni152_aal_lobes_2mm.nii.gz"),
         "test": (colin["t1"], folder / "colin27_aal_lobes.nii.gz"),

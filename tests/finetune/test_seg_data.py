@@ -172,10 +172,8 @@ def test_lobe_task_puts_the_atlas_on_each_brain_by_world_coordinates(tmp_path):
     demo = tmp_path / "demo"
     demo.mkdir()
     # A 2 mm 'MNI152' of 4^3 voxels whose voxel centres fall on every other 1 mm voxel of the atlas.
-    nib.save(
-        nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])),
-        demo / "mni152_t1_2mm.nii.gz",
-    )
+    for name in ("mni152_t1_2mm.nii.gz", "mni152_tissue_2mm.nii.gz"):
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), demo / name)
     train, test = lobe_cases(demo, tmp_path / "colin")
     lookup = np.array([0, 1, 2, 0, 0, 7])
     mni_labels = np.asarray(nib.load(str(train[0].label)).dataobj)

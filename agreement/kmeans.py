@@ -103,6 +103,33 @@ class _LowPrecisionPoints:
         return columns.to(torch.bfloat16)
 
 
+# A float32 copy of a bfloat16 score has 16 zero low bits; _PackedMin stores the column index there.
+_PACKED_INDEX_BITS = 16
+
+
+class _PackedMin:
+    """Row-wise minimum and its column of bfloat16 scores, through a float32 block whose 16 low bits (zero in a
+    widened bfloat16) hold the column index.
+
+    ``min(dim=1)`` with indices runs a scalar loop over bfloat16 and cost about 4x the GEMM that produced the
+    scores; widening, writing the indices and a vectorised ``amin`` cost about half as much. The packed bits stay
+    below one bfloat16 step, so distinct scores keep their order and the minimum's bfloat16 value is recovered
+    exactly; only equal scores are ordered by index (lowest first for positive, highest for negative scores).
+    """
+
+    def __init__(self, rows: int, k: int, device: torch.device) -> None:
+        self.wide = torch.empty(rows, k, dtype=torch.float32, device=device)
+        self.columns = torch.arange(k, dtype=torch.int32, device=device)
+
+    def __call__(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wide = self.wide[: scores.shape[0]]
+        wide.copy_(scores)
+        wide.view(torch.int32).bitwise_or_(self.columns)
+        key = wide.amin(dim=1).view(torch.int32)
+        low_mask = (1 << _PACKED_INDEX_BITS) - 1
+        return key.bitwise_and(~low_mask).view(torch.float32), key.bitwise_and(low_mask).long()
+
+
 def _nearest(
     x: torch.Tensor,
     centroids: torch.Tensor,
@@ -127,11 +154,16 @@ def _nearest(
         points, columns = x, (-2.0 * centroids).T.contiguous()
     else:
         points, columns = low.points, low.centroid_columns(centroids)
-    block = torch.empty(min(chunk_size, x.shape[0]), centroids.shape[0], dtype=points.dtype, device=x.device)
+    rows, k = min(chunk_size, x.shape[0]), centroids.shape[0]
+    block = torch.empty(rows, k, dtype=points.dtype, device=x.device)
+    packed_min = _PackedMin(rows, k, x.device) if low is not None and k <= 1 << _PACKED_INDEX_BITS else None
     for start in range(0, x.shape[0], chunk_size):
         chunk = x[start : start + chunk_size]
         scores = torch.mm(points[start : start + chunk_size], columns, out=block[: chunk.shape[0]])
-        best, index = (scores if low is not None else scores.add_(centroid_sq)).min(dim=1)
+        if packed_min is not None:
+            best, index = packed_min(scores)
+        else:
+            best, index = (scores if low is not None else scores.add_(centroid_sq)).min(dim=1)
         assignments[start : start + chunk_size] = index
         if spherical:
             chunk_sq: torch.Tensor | float = 1.0

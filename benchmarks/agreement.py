@@ -1,5 +1,5 @@
 """``scripts/benchmark.py agreement``: k-means (torch fp32 and bf16 assignments, faiss, scikit-learn from the same
-initial centroids) and Sinkhorn, timed round-robin in one process."""
+initial centroids) and Sinkhorn, timed round-robin in one process with a pause between libraries."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from benchmarks.common import (
     markdown_table,
     matmul_gflops,
     median,
+    pause_for_spinning_pools,
     synchronizer,
     thread_pools,
     time_call,
@@ -95,6 +96,7 @@ def run_agreement(quick: bool, device: torch.device) -> dict[str, Any]:
     for _ in range(size["repeats"]):
         rates.append(matmul_gflops(*rate_shape, repeats=10, device=device))
         for name, fn in variants.items():
+            pause_for_spinning_pools()
             times[name].append(time_call(fn, sync))
     rate = median(rates)
     bound = iterations * 2.0 * n * k * dim / (rate * 1e9)
@@ -212,9 +214,14 @@ def agreement_tables(result: dict[str, Any]) -> str:
         f"{len(result['sinkhorn']['seconds_all'])})",
         "",
         environment_line(env),
-        "native thread pools: "
+        f"OPENBLAS_CORETYPE={env.get('openblas_coretype') or 'unset'}; native thread pools: "
         + (
-            ", ".join(f"{p['library']} ({p['api']}) {p['threads']}" for p in env["thread_pools"]) or "unknown"
+            ", ".join(
+                f"{p['library']} ({p['api']}{', ' + p['kernel'] + ' kernel' if p.get('kernel') else ''}) "
+                f"{p['threads']} threads"
+                for p in env["thread_pools"]
+            )
+            or "unknown"
         ),
     ]
     return "\n".join(lines)

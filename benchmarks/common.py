@@ -61,6 +61,12 @@ def interleaved_times(
     return times
 
 
+def pause_for_spinning_pools(seconds: float = 0.5) -> None:
+    """Sleep so that OpenMP and OpenBLAS worker threads of the library timed last stop spinning (they busy-wait
+    for a while after each parallel region) before another library's threads need the same cores."""
+    time.sleep(seconds)
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
@@ -120,6 +126,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         # Other jobs on the machine: timings are only comparable at similar load.
         "load_average_1_5_15_min": load_average(),
+        # Overrides OpenBLAS's kernel choice; faiss's bundled OpenBLAS needs it for its native kernel on some CPUs.
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
     }
     device = torch.device(device)
     if device.type == "cuda":
@@ -163,6 +171,8 @@ def thread_pools() -> list[dict[str, Any]]:
             "api": pool.get("internal_api"),
             "library": Path(pool["filepath"]).name,
             "threads": pool.get("num_threads"),
+            # OpenBLAS's kernel for this CPU (e.g. SkylakeX, or a generic one such as Prescott)
+            "kernel": pool.get("architecture"),
         }
         for pool in threadpool_info()
     ]

@@ -126,6 +126,33 @@ def test_bfloat16_assignment_is_the_exact_one_outside_the_error_bound(spherical)
         assert bool(((distance.double() - exact_distance).abs() <= bound + 1e-4).all())
 
 
+@pytest.mark.parametrize("span", [3, 1000])
+def test_packed_minimum_is_the_bfloat16_minimum(span):
+    # span 3: integer scores with many ties, of both signs; span 1000: mostly distinct scores
+    generator = torch.Generator().manual_seed(8)
+    scores = (torch.randint(-span, span + 1, (500, 300), generator=generator) * 0.37).to(torch.bfloat16)
+    best, index = kmeans_module._PackedMin(500, 300, scores.device)(scores)
+    expected = scores.float().min(dim=1).values
+    assert torch.equal(best, expected)
+    assert torch.equal(scores.float().gather(1, index[:, None])[:, 0], expected)  # a column that holds it
+    if span == 1000:
+        distinct = (scores.float() == expected[:, None]).sum(1) == 1
+        assert torch.equal(index[distinct], scores.float().min(dim=1).indices[distinct])
+
+
+def test_bfloat16_assignment_without_packing_is_the_same(monkeypatch):
+    x, _ = blobs(n=3000, dim=16, centers=30, seed=9)
+    centroids = x[:30].clone()
+    low = kmeans_module._LowPrecisionPoints(x)
+    packed = kmeans_module._nearest(x, centroids, False, 512, low=low)
+    monkeypatch.setattr(kmeans_module, "_PACKED_INDEX_BITS", 4)  # 30 clusters need 5 bits: falls back to min
+    plain = kmeans_module._nearest(x, centroids, False, 512, low=low)
+    assert torch.equal(packed[1], plain[1])
+    scores = (low.points @ low.centroid_columns(centroids)).float()
+    distinct = (scores == scores.min(dim=1, keepdim=True).values).sum(1) == 1
+    assert torch.equal(packed[0][distinct], plain[0][distinct])
+
+
 def test_bfloat16_kmeans_inertia_within_one_percent_of_float32():
     x, _ = blobs(n=6000, dim=32, centers=50, seed=6)
     init = _initial_centroids(x, 50, "random", 0, spherical=False, chunk_size=1024)

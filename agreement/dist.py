@@ -64,3 +64,12 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world)]
     torch_dist.all_gather(gathered, padded.contiguous())
     return torch.cat([g[:n] for g, n in zip(gathered, sizes_list)], dim=0)
+
+
+def all_gather_objects(items: list) -> list:
+    """Concatenate picklable lists from all ranks (rank order); a copy of ``items`` in one process."""
+    if not is_distributed():
+        return list(items)
+    gathered: list[list | None] = [None] * get_world_size()
+    torch_dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part or []]

@@ -3,7 +3,9 @@ initial centroids) and Sinkhorn, timed round-robin in one process with a pause b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +27,9 @@ from benchmarks.common import (
     time_call,
 )
 
+# the module, not the function of the same name that agreement/__init__.py exports
+kmeans_module = importlib.import_module("agreement.kmeans")
+
 AGREEMENT_SIZES = {
     "full": dict(
         n=200_000, dim=128, k=1000, iterations=10, repeats=3, sinkhorn=(4096, 3000), sinkhorn_repeats=7
@@ -39,6 +44,16 @@ def blob_data(n: int, dim: int, centers: int, seed: int = 0) -> torch.Tensor:
     means = torch.randn(centers, dim, generator=generator) * 2.0
     labels = torch.randint(centers, (n,), generator=generator)
     return means[labels] + torch.randn(n, dim, generator=generator)
+
+
+@contextlib.contextmanager
+def _without_packed_minimum() -> Iterator[None]:
+    previous = kmeans_module._PACKED_INDEX_BITS
+    kmeans_module._PACKED_INDEX_BITS = 0  # no k fits in 0 bits
+    try:
+        yield
+    finally:
+        kmeans_module._PACKED_INDEX_BITS = previous
 
 
 def _sklearn_kmeans() -> Any:
@@ -69,9 +84,15 @@ def run_agreement(quick: bool, device: torch.device) -> dict[str, Any]:
 
         return call
 
+    def unpacked_bf16() -> None:
+        # The bf16 path as it was before _PackedMin: the row minimum by min(dim=1) with indices.
+        with _without_packed_minimum():
+            ours("torch bf16, min with indices", "torch", "bfloat16")()
+
     variants: dict[str, Callable[[], None]] = {
         "torch": ours("torch", "torch"),
         "torch bf16": ours("torch bf16", "torch", "bfloat16"),
+        "torch bf16, min with indices": unpacked_bf16,
         "faiss": ours("faiss", "faiss"),
     }
     KMeans = _sklearn_kmeans()

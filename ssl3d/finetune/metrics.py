@@ -1,4 +1,6 @@
-"""Segmentation metrics of one volume with MONAI: per-class 2D Dice and IoU, 3D IoU and Dice, and HD95.
+"""Fine-tuning metrics: per-volume segmentation scores with MONAI (per-class 2D Dice and IoU, 3D IoU and Dice, HD95),
+classification AUROC and accuracy, and ``EpochOutputs``, which gathers an evaluation epoch's logits from every
+process so that a split is scored whole under DDP.
 
 2D scores are per slice (the paper's slice-wise Dice/IoU), averaged over the slices where the class is in
 the ground truth; 3D scores treat the stacked volume as one object, as the paper's 3D IoU per volume. HD95 is
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_roc_auc
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -88,3 +92,23 @@ def classification_metrics(
     except (ValueError, AssertionError):
         auroc = math.nan
     return {"auroc": auroc, "accuracy": accuracy}
+
+
+class EpochOutputs(Metric):
+    """The logits and targets of an evaluation epoch; ``compute()`` returns them concatenated over every process in
+    rank order (torchmetrics' synced ``cat`` states), so AUROC is computed on the whole split, not per shard. The
+    states are not saved in checkpoints."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.logits.append(logits.detach().float())
+        self.targets.append(targets.detach())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return dim_zero_cat(self.logits), dim_zero_cat(self.targets)

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import FlexibleUNet
+from torchmetrics import MeanMetric
 
+from agreement.dist import all_gather_objects
 from ssl3d.finetune.encoders import register_timm_backbone, set_trainable
 from ssl3d.finetune.metrics import mean_over_classes, volume_metrics
 from ssl3d.finetune.optim import Optimizer
@@ -107,6 +109,9 @@ class SegmentationTask(FinetuneTask):
         if freeze_encoder:
             set_trainable(self.net.encoder, False)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+        # per-volume means over the validation cases of every process (a case without foreground is left out)
+        self.val_iou_3d = MeanMetric(nan_strategy="ignore")
+        self.val_dice = MeanMetric(nan_strategy="ignore")
         self.test_results: list[dict[str, Any]] = []
         self.test_summary: dict[str, dict[str, float]] = {}
 
@@ -159,8 +164,10 @@ class SegmentationTask(FinetuneTask):
         if case.full_labels is None:
             return
         mean = mean_over_classes(self._score(case, self.predict_case(case), hd95=False))
-        self.log("val/iou_3d", mean["iou_3d"], prog_bar=True, batch_size=1)
-        self.log("val/dice", mean["dice"], batch_size=1)
+        self.val_iou_3d.update(mean["iou_3d"])
+        self.val_dice.update(mean["dice"])
+        self.log("val/iou_3d", self.val_iou_3d, prog_bar=True, batch_size=1)
+        self.log("val/dice", self.val_dice, batch_size=1)
 
     def test_step(self, case: CaseData, batch_idx: int) -> None:
         prediction = self.predict_case(case)
@@ -181,7 +188,9 @@ class SegmentationTask(FinetuneTask):
         self.test_results = []
 
     def on_test_epoch_end(self) -> None:
-        """Per-class metrics averaged over the test volumes (NaNs, e.g. absent classes, left out)."""
+        """Per-class metrics averaged over the test volumes of every process (NaNs, e.g. absent classes, left
+        out)."""
+        self.test_results = all_gather_objects(self.test_results)
         scored = [r["metrics"] for r in self.test_results if "metrics" in r]
         if not scored:
             return

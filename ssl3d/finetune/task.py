@@ -1,5 +1,6 @@
 """What the fine-tuning tasks share: ``FinetuneTask`` (optimizer, schedule, frozen parts) and
-``ClassificationTask`` (logits gathered over an evaluation epoch, then AUROC, accuracy and loss).
+``ClassificationTask`` (logits gathered over an evaluation epoch and every process, then AUROC, accuracy and
+loss).
 
 ``SegmentationTask``, ``ImageClassifier`` and ``VolumeClassifier`` keep only their model, loss and data handling.
 """
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agreement.dist import all_gather_objects
 from ssl3d.finetune.encoders import encoder_param_groups
-from ssl3d.finetune.metrics import classification_metrics
+from ssl3d.finetune.metrics import EpochOutputs, classification_metrics
 from ssl3d.finetune.optim import build_optimizer, scheduler_config, steps_per_epoch
 
 
@@ -69,10 +71,9 @@ class ClassificationTask(FinetuneTask):
 
     def __init__(self) -> None:
         super().__init__()
-        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor, list[str] | None]]] = {
-            "val": [],
-            "test": [],
-        }
+        self.val_outputs = EpochOutputs()
+        self.test_outputs = EpochOutputs()
+        self._case_names: dict[str, list[str] | None] = {"val": None, "test": None}
         self.test_summary: dict[str, float] = {}
         self.test_results: list[dict[str, Any]] = []
 
@@ -102,17 +103,24 @@ class ClassificationTask(FinetuneTask):
             self.log("train/accuracy", accuracy, batch_size=inputs.shape[0])
         return loss
 
+    def _epoch_outputs(self, split: str) -> EpochOutputs:
+        return self.val_outputs if split == "val" else self.test_outputs
+
     def _collect(self, split: str, batch: Any) -> None:
         inputs, targets, names = self.split_batch(batch)
-        self._outputs[split].append((self(inputs).detach().float().cpu(), targets.cpu(), names))
+        self._epoch_outputs(split).update(self(inputs), targets)
+        if names is not None:
+            self._case_names[split] = (self._case_names[split] or []) + list(names)
 
     def _finish(self, split: str) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, list[str] | None]:
-        outputs, self._outputs[split] = self._outputs[split], []
-        if not outputs:
+        """Score the epoch's outputs, gathered from every process (names too, in the same rank order)."""
+        outputs, names = self._epoch_outputs(split), self._case_names[split]
+        self._case_names[split] = None
+        if not outputs.update_called:
             return {}, torch.empty(0), torch.empty(0), None
-        logits = torch.cat([o[0] for o in outputs])
-        targets = torch.cat([o[1] for o in outputs])
-        names = None if outputs[0][2] is None else [name for o in outputs for name in o[2]]
+        logits, targets = (tensor.cpu() for tensor in outputs.compute())
+        outputs.reset()
+        names = None if names is None else all_gather_objects(names)
         metrics = classification_metrics(logits, targets, self.hparams.multi_label)
         metrics["loss"] = float(self.loss(logits, targets))
         for key, value in metrics.items():

@@ -80,6 +80,14 @@ def check_clip_model(clip_model: nn.Module) -> None:
         raise TypeError(f"unsupported text pooling {clip_model.text_pool_type!r}")
 
 
+def _is_causal(mask: torch.Tensor | None) -> bool:
+    """An additive mask with -inf exactly above the diagonal and 0 elsewhere (open_clip's text mask)."""
+    if mask is None or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool(torch.isneginf(mask[above]).all()) and bool((mask[~above] == 0).all())
+
+
 def _normal(shape: Sequence[int], std: float) -> nn.Parameter:
     return nn.Parameter(torch.randn(*shape) * std)
 
@@ -155,6 +163,7 @@ class PromptedCLIP(nn.Module):
         )
         self.template = template or (f"{self.prompt_prefix} {{}}." if self.text_depth else "a photo of a {}.")
         self.classnames: list[str] = []
+        self.text_length = context_length  # tokens the text tower runs on (set with the class names)
         self.register_buffer("tokens", torch.zeros(0, context_length, dtype=torch.long), persistent=False)
         self.register_buffer(
             "token_embeds", torch.zeros(0, context_length, self.text_width), persistent=False
@@ -200,6 +209,10 @@ class PromptedCLIP(nn.Module):
         self.classnames = names
         self.tokens = tokens
         self.token_embeds = embeds
+        # Under a causal mask no token after the end-of-text token reaches the features read there, so the text
+        # tower runs on the tokens up to the last class prompt's end (about 10 of 77 for short prompts).
+        causal = _is_causal(getattr(self.clip, "attn_mask", None))
+        self.text_length = int(self._eot_index().max()) + 1 if causal else tokens.shape[1]
 
     def _eot_index(self) -> torch.Tensor:
         if getattr(self.clip, "text_pool_type", "argmax") == "eos":
@@ -212,19 +225,21 @@ class PromptedCLIP(nn.Module):
             raise RuntimeError("PromptedCLIP: call set_classnames(...) before encoding text")
         clip = self.clip
         dtype = clip.transformer.get_cast_dtype()
-        x = self.token_embeds.to(dtype)
+        length = self.text_length
+        x = self.token_embeds[:, :length].to(dtype)
         num_classes, n = x.shape[0], self.n_ctx
         if self.text_depth > 0:
             ctx = self.text_prompts[0].to(dtype)
             if ctx.ndim == 2:
                 ctx = ctx.unsqueeze(0).expand(num_classes, -1, -1)
             x = torch.cat([x[:, :1], ctx, x[:, 1 + n :]], dim=1)
-        x = (x + clip.positional_embedding.to(dtype)).transpose(0, 1).contiguous()  # (L, C, D)
+        x = (x + clip.positional_embedding[:length].to(dtype)).transpose(0, 1).contiguous()  # (L, C, D)
+        attn_mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length]
         for i, block in enumerate(clip.transformer.resblocks):
             if 1 <= i < self.text_depth:
                 deep = self.text_prompts[i].to(x.dtype).unsqueeze(1).expand(-1, num_classes, -1)
                 x = torch.cat([x[:1], deep, x[1 + n :]], dim=0)
-            x = _run_block(block, x, attn_mask=clip.attn_mask)
+            x = _run_block(block, x, attn_mask=attn_mask)
         x = clip.ln_final(x.transpose(0, 1))
         x = x[torch.arange(num_classes, device=x.device), self._eot_index()]
         projection = clip.text_projection

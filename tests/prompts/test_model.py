@@ -53,6 +53,36 @@ def test_zero_depth_equals_plain_open_clip(tiny_bundle):
     assert model.num_prompt_parameters() == 0
 
 
+@pytest.mark.parametrize("depth", [0, 3])
+def test_text_tower_stops_at_the_last_end_token_with_the_same_features_and_gradients(tiny_bundle, depth):
+    # float64, so that the comparison sees the maths and not the summation order of fp32 products
+    model = PromptedCLIP(copy.deepcopy(tiny_bundle.model), tokenizer=tiny_bundle.tokenizer, depth=depth).double()
+    model.set_classnames(["cat", "a much longer class name with many words"])
+    model.token_embeds = model.token_embeds.double()
+    full_length = model.clip.positional_embedding.shape[0]
+    assert model.text_length == int(model.tokens.argmax(-1).max()) + 1 < full_length
+    results = {}
+    for length in (model.text_length, full_length):
+        model.text_length = length
+        model.zero_grad()
+        features = model.encode_text()
+        if depth:
+            features.pow(2).sum().backward()
+        results[length] = features.detach(), [p.grad.clone() for p in model.text_prompts]
+    (short, short_grads), (full, full_grads) = results.values()
+    torch.testing.assert_close(short, full, rtol=1e-12, atol=1e-12)
+    assert len(short_grads) == depth
+    for a, b in zip(short_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_text_tower_runs_every_token_without_a_causal_mask(tiny_bundle):
+    model = PromptedCLIP(copy.deepcopy(tiny_bundle.model), tokenizer=tiny_bundle.tokenizer, depth=2)
+    model.clip.attn_mask = torch.zeros_like(model.clip.attn_mask)  # every token sees every other one
+    model.set_classnames(NAMES)
+    assert model.text_length == model.clip.positional_embedding.shape[0]
+
+
 def test_prompt_shapes_and_ctx_init(tiny_bundle):
     model = _prompted(tiny_bundle, n_ctx=4, depth=3)
     assert len(model.text_prompts) == 3 and len(model.vision_prompts) == 3

@@ -23,6 +23,29 @@ from typing import Any
 
 import torch
 
+# The official implementations' CPU step times (2 threads, fp32), by the machine type they were measured on; a
+# ratio against them only means something on that machine type, and from another sitting it carries that
+# sitting's noise (up to 25% between runs). Intel: interleaved IVLP/PromptSRC (A3) and the 3D-SwAV steps (B1, B2);
+# AMD: the side-by-side sitting.
+OFFICIAL_STEP_SECONDS = {
+    "Intel(R) Xeon(R) Processor": {
+        "IVLP": 2.33,
+        "PromptSRC": 3.00,
+        "JointSSL paper": 16.09,
+        "JointSSL small": 2.97,
+    },
+    "AMD EPYC": {"IVLP": 2.20, "PromptSRC": 2.94, "JointSSL paper": 9.81, "JointSSL small": 1.81},
+}
+
+
+def official_step_seconds(work: str) -> float | None:
+    """The official code's seconds per step of ``work`` on this machine type, or None where not measured."""
+    cpu = cpu_model()
+    for machine, steps in OFFICIAL_STEP_SECONDS.items():
+        if cpu.startswith(machine):
+            return steps.get(work)
+    return None
+
 
 def synchronizer(device: torch.device | str) -> Callable[[], None]:
     """A function that waits for queued work on ``device`` (CUDA runs asynchronously), a no-op elsewhere."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import official_step_seconds
 from prompts.module import IVLP, PromptSRC
 
 DEMO = {
@@ -27,9 +28,6 @@ DEMO = {
     "batch": 4,
     "size": 32,
 }
-# The official implementation's step times at ``VIT_B16`` on this project's reference CPU machine (2 threads),
-# measured at a different sitting: IVLP and PromptSRC, interleaved in one process.
-OFFICIAL_SECONDS_PER_STEP = {"IVLP": 2.20, "PromptSRC": 2.94}
 GPU = {
     "model_name": "ViT-B-16-quickgelu",
     "text_depth": 9,
@@ -157,10 +155,10 @@ def run_prompts_benchmark(quick: bool = False, device: str = "cpu") -> dict[str,
                 "meets_target": ratio <= 1.25,
                 "device": dev,
             }
-            if setting is VIT_B16:
-                results[label]["official_seconds_per_step"] = OFFICIAL_SECONDS_PER_STEP
             for name, r in measured.items():
-                official = OFFICIAL_SECONDS_PER_STEP.get(name) if setting is VIT_B16 else None
+                official = official_step_seconds(name) if setting is VIT_B16 and dev == "cpu" else None
+                if official:
+                    results[label].setdefault("official_seconds_per_step", {})[name] = official
                 rows.append(
                     {
                         "setting": label,

@@ -20,16 +20,13 @@ from benchmarks.common import (
     markdown_table,
     matmul_gflops,
     median,
+    official_step_seconds,
     peak_rss_mib,
     synchronizer,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "ssl3d" / "demo.yaml"
-
-# The official code's time per step on this project's reference CPU machine (ResNet-18, 32 slices of 64x64,
-# 2 volumes x 2 views, no 2D branch), measured at a different sitting from any run of this script.
-ANCHOR_SECONDS_PER_STEP = 2.97
 
 ATTENTION_SIZES = {
     "full": dict(batch=2, slices=64, dim=640, warmup=5, repeats=20),
@@ -233,9 +230,6 @@ PAPER_VARIANTS = {
     "fp32, channels_last": ({"channels_last": True}, None),
     "bf16 autocast, channels_last": ({"channels_last": True}, torch.bfloat16),
 }
-# The official code's paper-config step on this project's reference CPU machine, measured at a different sitting
-# (perf-anchors.md: 9.81 s beside this project's 7.40 s in one sitting; 16.09 s at another).
-PAPER_ANCHOR_SECONDS_PER_STEP = 9.81
 
 
 def run_paper_steps(quick: bool, device: torch.device) -> dict[str, Any]:
@@ -257,9 +251,10 @@ def run_paper_steps(quick: bool, device: torch.device) -> dict[str, Any]:
     for name in PAPER_VARIANTS:
         result = _step_result(times[name], batch, warmup)
         result["speedup_vs_fp32"] = fp32 / result["seconds_per_step"]
-        if not quick and device.type == "cpu":
-            result["anchor_seconds_per_step"] = PAPER_ANCHOR_SECONDS_PER_STEP
-            result["speedup_vs_anchor"] = PAPER_ANCHOR_SECONDS_PER_STEP / result["seconds_per_step"]
+        anchor = official_step_seconds("JointSSL paper") if not quick and device.type == "cpu" else None
+        if anchor:
+            result["anchor_seconds_per_step"] = anchor
+            result["speedup_vs_anchor"] = anchor / result["seconds_per_step"]
         results[name] = result
     return results
 
@@ -317,12 +312,13 @@ def run_joint_steps(quick: bool, device: torch.device) -> dict[str, Any]:
             },
             **result,
         }
-        if name.startswith("official") and not quick:
-            results[name]["anchor_seconds_per_step"] = ANCHOR_SECONDS_PER_STEP
+        anchor = official_step_seconds("JointSSL small") if device.type == "cpu" else None
+        if name.startswith("official") and not quick and anchor:
+            results[name]["anchor_seconds_per_step"] = anchor
             results[name]["anchor_note"] = (
-                "the official code's step on this machine (2D branch off), measured at a different sitting"
+                "the official code's step on this machine type (2D branch off), measured at a different sitting"
             )
-            results[name]["time_vs_anchor"] = result["seconds_per_step"] / ANCHOR_SECONDS_PER_STEP
+            results[name]["time_vs_anchor"] = result["seconds_per_step"] / anchor
     return results
 
 
@@ -459,11 +455,14 @@ def ssl3d_tables(result: dict[str, Any]) -> str:
             step_rows,
         ),
     ]
-    if any(r.get("anchor_seconds_per_step") for r in result["joint_step"].values()):
+    anchors = [
+        r["anchor_seconds_per_step"] for r in result["joint_step"].values() if "anchor_seconds_per_step" in r
+    ]
+    if anchors:
         lines += [
             "",
-            f"Anchor: the official code at {ANCHOR_SECONDS_PER_STEP} s/step (ResNet-18, 32 slices 64x64, 2 volumes x "
-            "2 views, no 2D branch) on this machine, from a different sitting.",
+            f"Anchor: the official code at {anchors[0]} s/step (ResNet-18, 32 slices 64x64, 2 volumes x "
+            "2 views, no 2D branch) on this machine type, from a different sitting.",
         ]
     paper_step = result.get("paper_step")
     if paper_step:

@@ -134,3 +134,14 @@ def test_entities_evaluation_writes_markdown_and_tunes_on_the_tuning_half_only(b
     assert tuned["chosen"] == best["options"]
     with pytest.raises(ValueError, match="tuning half only"):
         benchmark.main(["entities-eval", *QUICK, "--tune", "--out", str(out)])
+
+
+def test_official_step_times_are_those_of_this_machine_type(monkeypatch):
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "cpu_model", lambda: "Intel(R) Xeon(R) Processor")
+    assert common.official_step_seconds("JointSSL paper") == 16.09
+    monkeypatch.setattr(common, "cpu_model", lambda: "AMD EPYC 9R14")
+    assert common.official_step_seconds("JointSSL paper") == 9.81
+    monkeypatch.setattr(common, "cpu_model", lambda: "Apple M3")
+    assert common.official_step_seconds("IVLP") is None  # never measured there: no ratio is printed

@@ -11,6 +11,8 @@
 - A run folder holds ``UNFINISHED`` from its start until it completes (:func:`mark_unfinished`,
   :func:`mark_finished`, :func:`is_unfinished`), so "newest run" lookups can skip runs that are still going or
   were stopped.
+- :class:`RunCLI` is the ``LightningCLI`` base of the training CLIs: the run-folder arguments and a trainer with
+  all of the above.
 - :func:`check_budget`, :func:`resolve_checkpoint`, :func:`checkpoint_info` and :func:`config_differences` are the
   checks a CLI runs before it writes anything: an impossible training budget, a checkpoint that does not exist, a
   run folder that already holds another run, a configuration that differs from the checkpoint's.
@@ -34,6 +36,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
@@ -769,3 +772,72 @@ class RunLogger(CSVLogger):
             else:
                 self._experiment = _ResumedWriter(self.log_dir, self.resume_step)
         return self._experiment
+
+
+def default_run_dir(kind: str, prefix: str = "") -> Path:
+    """``runs/<kind>/<prefix><date-time>``: where a run goes when no folder is given."""
+    return Path("runs") / kind / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunCLI(LightningCLI):
+    """A ``LightningCLI`` whose runs survive stops, the base of the training CLIs.
+
+    It adds ``--run_dir``, ``--ckpt_path`` and ``--checkpoint_every_n_steps`` (subclasses word their help through
+    ``RUN_DIR_HELP`` and ``CKPT_PATH_HELP``), checks them with :meth:`check_run_arguments`, and
+    :meth:`run_trainer_kwargs` gives a trainer what every run folder needs: its logger (unless the configuration
+    names one), exact resume, the ``UNFINISHED`` marks, the configuration's callbacks and ``RunCheckpoint``.
+    """
+
+    RUN_DIR_HELP = "output folder of this run"
+    CKPT_PATH_HELP = (
+        "resume from this checkpoint, or 'last' for <run_dir>/checkpoints/last.ckpt (same configuration)"
+    )
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None, help=self.RUN_DIR_HELP)
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help=self.CKPT_PATH_HELP)
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=500,
+            help="write checkpoints/last.ckpt every N optimizer steps too (0: only at epoch ends and on signals)",
+        )
+
+    @staticmethod
+    def check_run_arguments(config: Mapping[str, Any]) -> None:
+        if config["checkpoint_every_n_steps"] < 0:
+            raise ValueError(
+                f"--checkpoint_every_n_steps must be >= 0, got {config['checkpoint_every_n_steps']}"
+            )
+
+    def run_trainer_kwargs(
+        self,
+        folder: Path,
+        config: Any,
+        resume_step: int | None = None,
+        unfinished: Iterable[Path] | None = None,
+        resume_hint: str = "",
+        before_checkpoint: Iterable[pl.Callback] = (),
+        after_checkpoint: Iterable[pl.Callback] = (),
+    ) -> dict[str, Any]:
+        """Trainer arguments of a run written into ``folder`` (made here); ``config`` is stored in the checkpoints
+        and ``unfinished`` (default: ``folder``) get ``UNFINISHED`` when the fit starts. Callbacks that save state
+        go in ``before_checkpoint``, so that ``RunCheckpoint`` writes their state too."""
+        folder.mkdir(parents=True, exist_ok=True)
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        kwargs: dict[str, Any] = {"default_root_dir": str(folder)}
+        if trainer_config.get("logger") in (None, True):
+            kwargs["logger"] = RunLogger(folder, resume_step=resume_step)
+        kwargs["callbacks"] = [
+            ExactResume(),
+            MarkUnfinished([folder] if unfinished is None else unfinished, resume_hint),
+            *(trainer_config.get("callbacks") or []),
+            *before_checkpoint,
+            RunCheckpoint(
+                folder / CHECKPOINT_DIR,
+                every_n_steps=self._get(self.config, "checkpoint_every_n_steps"),
+                config=flatten_config(config),
+            ),
+            *after_checkpoint,
+        ]
+        return kwargs

@@ -21,6 +21,7 @@ import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from agreement.inputs import report_root_cause
+from agreement.runs import default_run_dir
 from entities.metrics import evaluate, evaluate_expected, per_class_table, stage_table
 from entities.names import UNKNOWN, Gazetteer
 from entities.outputs import summary_counts, write_gallery, write_metrics, write_names
@@ -209,7 +210,7 @@ def run(
         raise ValueError("give either --records or --video, not both")
     if video and not subtitles:
         raise ValueError("--video needs --subtitles (an SRT or WebVTT file)")
-    out = Path(run_dir) if run_dir else Path("runs") / "entities" / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(run_dir) if run_dir else default_run_dir("entities")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     loaded = load_input(records, video, subtitles, names, video_options, episode, out)
@@ -264,11 +265,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     init = parser.instantiate_classes(config)
     kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__default_config__")}
     check_cast(kwargs["names"].cast)  # before the run folder is written
-    out = (
-        Path(kwargs["run_dir"])
-        if kwargs.get("run_dir")
-        else Path("runs") / "entities" / time.strftime("%Y%m%d-%H%M%S")
-    )
+    out = Path(kwargs["run_dir"]) if kwargs.get("run_dir") else default_run_dir("entities")
     kwargs["run_dir"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     config.run_dir = str(out)

@@ -12,11 +12,12 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from agreement import dist
 from agreement.runs import ResumableDataLoader
+from agreement.sampling import SeededSampler
 from prompts.datasets import DATASETS, Item, load_dataset, read_image
 from prompts.splits import fewshot_split, subsample_classes
 
@@ -44,28 +45,6 @@ class ImageDataset(Dataset):
                 torch.manual_seed(seed)
                 tensor = self.transform(image)
         return {"image": tensor, "label": item.label, "index": index + self.index_offset}
-
-
-class SeededEpochSampler(DistributedSampler):
-    """Shuffle from (seed, epoch) only and give each index an augmentation seed; shards over processes."""
-
-    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
-        super().__init__(
-            dataset,
-            num_replicas=dist.get_world_size(),
-            rank=dist.get_rank(),
-            shuffle=True,
-            seed=seed,
-            drop_last=False,
-        )
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=generator).tolist()
-        pairs = list(zip(order, seeds))
-        pairs += pairs[: self.total_size - len(pairs)]
-        return iter(pairs[self.rank : self.total_size : self.num_replicas])
 
 
 def build_transforms(
@@ -184,7 +163,9 @@ class FewShotDataModule(pl.LightningDataModule):
         return ResumableDataLoader(  # a run resumed mid-epoch continues from the very next batch
             dataset,
             batch_size=self.hparams.batch_size,
-            sampler=SeededEpochSampler(dataset, seed=self.hparams.seed),
+            sampler=SeededSampler(
+                dataset, seed=self.hparams.seed, num_replicas=dist.get_world_size(), rank=dist.get_rank()
+            ),
             drop_last=per_rank >= self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             persistent_workers=False,

@@ -20,18 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
 
 import prompts.module  # noqa: F401  (registers the module classes for --model)
 from agreement.inputs import report_root_cause
-from agreement.runs import (
-    CHECKPOINT_DIR,
-    ExactResume,
-    MarkUnfinished,
-    RunCheckpoint,
-    RunLogger,
-    flatten_config,
-)
+from agreement.runs import RunCLI
 from prompts.data import FewShotDataModule
 from prompts.module import PromptCLIPModule
 from prompts.protocol import pair_config, run_protocol
@@ -41,14 +33,18 @@ DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 Protocol = Literal["base2novel", "fewshot", "cross_dataset", "domain_generalization"]
 
 
-class FewShotCLI(LightningCLI):
+class FewShotCLI(RunCLI):
     """Parses the configuration; ``build`` instantiates a fresh model, data module and trainer per (shots, seed),
     and ``prompts.protocol.run_protocol`` runs the protocol."""
 
+    RUN_DIR_HELP = "output folder (default runs/fewshot/<time>)"
+    CKPT_PATH_HELP = (
+        "'last': resume the protocol in --run_dir (each (shots, seed) from its own last.ckpt); or the checkpoint "
+        "file of a protocol with a single (shots, seed)"
+    )
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument(
-            "--run_dir", type=str | None, default=None, help="output folder (default runs/fewshot/<time>)"
-        )
+        super().add_arguments_to_parser(parser)
         parser.add_argument("--protocol", type=Protocol, default="base2novel")
         parser.add_argument("--seeds", type=list[int], default=[1, 2, 3])
         parser.add_argument(
@@ -63,19 +59,6 @@ class FewShotCLI(LightningCLI):
         parser.add_argument(
             "--init_prompts", type=str | None, default=None, help="prompt checkpoint to start from"
         )
-        parser.add_argument(
-            "--ckpt_path",
-            type=str | None,
-            default=None,
-            help="'last': resume the protocol in --run_dir (each (shots, seed) from its own last.ckpt); or the "
-            "checkpoint file of a protocol with a single (shots, seed)",
-        )
-        parser.add_argument(
-            "--checkpoint_every_n_steps",
-            type=int,
-            default=500,
-            help="write <pair>/checkpoints/last.ckpt every N optimizer steps too (0: epoch ends and signals only)",
-        )
 
     def instantiate_classes(self) -> None:
         """Nothing here: every run builds its own objects from the parsed config."""
@@ -88,21 +71,7 @@ class FewShotCLI(LightningCLI):
         model: PromptCLIPModule = self.config_init.model
         data: FewShotDataModule = self.config_init.data
         data.preprocess_cfg = model.preprocess_cfg
-        folder.mkdir(parents=True, exist_ok=True)
-        trainer = self.instantiate_trainer(
-            logger=RunLogger(folder, resume_step=resume_step),
-            default_root_dir=str(folder),
-            callbacks=[
-                ExactResume(),
-                MarkUnfinished([folder]),
-                *(self._get(self.config_init, "trainer", default={}).get("callbacks") or []),
-                RunCheckpoint(
-                    folder / CHECKPOINT_DIR,
-                    every_n_steps=self.config.checkpoint_every_n_steps,
-                    config=flatten_config(config),
-                ),
-            ],
-        )
+        trainer = self.instantiate_trainer(**self.run_trainer_kwargs(folder, config, resume_step=resume_step))
         return model, data, trainer
 
 

@@ -24,9 +24,11 @@ from agreement import dist
 from agreement.runs import (
     CHECKPOINT_DIR,
     MAY_DIFFER_ON_RESUME,
+    RunCLI,
     RunInterrupted,
     check_budget,
     check_resume_config,
+    default_run_dir,
     flatten_config,
     last_checkpoint,
     mark_finished,
@@ -89,8 +91,7 @@ def plan(config, run_dir: Path) -> dict[tuple[int, int], tuple[Path | None, int 
     trainable = trains(config)
     if trainable:
         check_budget(config.trainer, "prompt tuning", epochs_required=True)
-    if config.checkpoint_every_n_steps < 0:
-        raise ValueError(f"--checkpoint_every_n_steps must be >= 0, got {config.checkpoint_every_n_steps}")
+    RunCLI.check_run_arguments(config)
     todo = pairs(config)
     single_file = ckpt_path not in (None, "last")
     if single_file:
@@ -216,7 +217,7 @@ def run_protocol(config, build: Build, save_config: Callable[[Path], None]) -> d
     if configured is None and ckpt_path is not None and Path(ckpt_path).parent.name == CHECKPOINT_DIR:
         # <run>/shots<K>_seed<S>/checkpoints/<file>: continue that run
         configured = str(Path(ckpt_path).parents[2])
-    run_dir = Path(configured) if configured else Path("runs") / "fewshot" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(configured) if configured else default_run_dir("fewshot")
     planned = plan(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main_process():

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from agreement.callbacks import KNNProbeCallback
 from agreement.knn import knn_accuracy, linear_probe
-from ssl3d.data.datasets import SeededSampler, _split_key
+from agreement.sampling import SeededSampler
+from ssl3d.data.datasets import _split_key
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
 from ssl3d.probe import recalibrate_batchnorm

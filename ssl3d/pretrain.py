@@ -14,26 +14,21 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.cli import LightningCLI
 
 from agreement.callbacks import ClusterUsageCallback
 from agreement.inputs import report_root_cause
 from agreement.runs import (
-    CHECKPOINT_DIR,
-    ExactResume,
-    MarkUnfinished,
-    RunCheckpoint,
+    RunCLI,
     RunInterrupted,
-    RunLogger,
     check_budget,
     check_resume_config,
+    default_run_dir,
     flatten_config,
     mark_finished,
     note_unfinished,
@@ -54,7 +49,7 @@ def resume_command(run_dir: str | Path) -> str:
     return f"python scripts/pretrain.py --config {Path(run_dir) / 'config.yaml'} --ckpt_path last"
 
 
-class PretrainCLI(LightningCLI):
+class PretrainCLI(RunCLI):
     """LightningCLI with a run folder, the run's logger and checkpoints, resume, and the evaluation switch.
 
     Everything that can make a run impossible (its budget, the checkpoint to resume, the run folder holding another
@@ -62,7 +57,7 @@ class PretrainCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_dir", type=str | None, default=None, help="output folder of this run")
+        super().add_arguments_to_parser(parser)
         parser.add_argument(
             "--evaluate",
             type=bool,
@@ -81,18 +76,6 @@ class PretrainCLI(LightningCLI):
             default=False,
             help="also run the MNI152 tissue patch kNN probe (a diagnostic beside raw intensities)",
         )
-        parser.add_argument(
-            "--ckpt_path",
-            type=str | None,
-            default=None,
-            help="resume from this checkpoint, or 'last' for <run_dir>/checkpoints/last.ckpt (same configuration)",
-        )
-        parser.add_argument(
-            "--checkpoint_every_n_steps",
-            type=int,
-            default=500,
-            help="write checkpoints/last.ckpt every N optimizer steps too (0: only at epoch ends and on signals)",
-        )
         parser.link_arguments("data.num_slices", "model.num_slices")
         parser.link_arguments("data.small_crops_2d", "model.small_crops")
         parser.link_arguments("seed_everything", "data.seed")
@@ -101,12 +84,9 @@ class PretrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config
         check_budget(config["trainer"], "pretraining", epochs_required=True)
-        if config["checkpoint_every_n_steps"] < 0:
-            raise ValueError(
-                f"--checkpoint_every_n_steps must be >= 0, got {config['checkpoint_every_n_steps']}"
-            )
+        self.check_run_arguments(config)
         checkpoint, run_dir = resolve_checkpoint(config.get("ckpt_path"), config.get("run_dir"))
-        run_dir = run_dir or Path("runs") / "pretrain" / time.strftime("%Y%m%d-%H%M%S")
+        run_dir = run_dir or default_run_dir("pretrain")
         config["run_dir"] = str(run_dir)
         self.checkpoint: Path | None = checkpoint
         self.resume_step: int | None = None
@@ -124,26 +104,18 @@ class PretrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run_dir = self.run_dir()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = RunLogger(run_dir, resume_step=self.resume_step)
-        kwargs["default_root_dir"] = str(run_dir)
-        model = self.model
-        clusters = list(model.hparams.prototypes_2d) + list(model.hparams.prototypes_3d)
-        kwargs["callbacks"] = [
-            ExactResume(),
-            MarkUnfinished([run_dir], resume_command(run_dir)),
-            *(trainer_config.get("callbacks") or []),
-            RunCheckpoint(
-                run_dir / CHECKPOINT_DIR,
-                every_n_steps=self.config["checkpoint_every_n_steps"],
-                config=flatten_config(self.config),
-            ),
-            LearningRateMonitor(logging_interval="step"),
-            ClusterUsageCallback(clusters, gather=False),
-        ]
-        return super().instantiate_trainer(**kwargs)
+        clusters = list(self.model.hparams.prototypes_2d) + list(self.model.hparams.prototypes_3d)
+        run = self.run_trainer_kwargs(
+            run_dir,
+            self.config,
+            resume_step=self.resume_step,
+            resume_hint=resume_command(run_dir),
+            after_checkpoint=[
+                LearningRateMonitor(logging_interval="step"),
+                ClusterUsageCallback(clusters, gather=False),
+            ],
+        )
+        return super().instantiate_trainer(**kwargs | run)
 
 
 RANDOM_ENCODER_SEEDS = 3

@@ -1,7 +1,7 @@
 """Data layer: listing, loading and validating volumes and images, view augmentations, datasets, data module."""
 
 from ssl3d.data.datamodule import JointSSLDataModule
-from ssl3d.data.datasets import IndexedConcatDataset, SeededSampler, SliceViewsDataset, VolumeViewsDataset
+from ssl3d.data.datasets import IndexedConcatDataset, SliceViewsDataset, VolumeViewsDataset
 from ssl3d.data.images import check_images, load_image
 from ssl3d.data.sources import VolumeSource, list_images, list_volumes
 from ssl3d.data.transforms import (
@@ -17,7 +17,6 @@ __all__ = [
     "IndexedConcatDataset",
     "JointSSLDataModule",
     "MultiCropViews2D",
-    "SeededSampler",
     "SliceViewsDataset",
     "TwoDifferentVolumeViews",
     "TwoViews2D",

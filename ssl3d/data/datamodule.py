@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from agreement import dist
 from agreement.runs import ResumableDataLoader
-from ssl3d.data.datasets import CACHE_MODES, SeededSampler, SliceViewsDataset, VolumeViewsDataset
+from agreement.sampling import SeededSampler
+from ssl3d.data.datasets import CACHE_MODES, SliceViewsDataset, VolumeViewsDataset
 from ssl3d.data.images import check_images
 from ssl3d.data.mni import write_mni152_nifti
 from ssl3d.data.sources import VolumeSource, list_images, list_volumes

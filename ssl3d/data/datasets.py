@@ -5,7 +5,7 @@ Every item is ``{"index": int, "view1": tensor, "view2": tensor}`` where ``index
 
 Randomness: a dataset accepts a plain index, drawing the sample's seed from torch's global generator (seeded by
 ``torch.manual_seed`` in the main process and by the DataLoader in each worker), or an ``(index, seed)`` key from
-:class:`SeededSampler`, which derives seeds from ``(seed, stream, epoch, pass, rank, position)``; then every
+:class:`agreement.sampling.SeededSampler`, which derives seeds from ``(seed, stream, epoch, pass, rank, position)``; then every
 crop and augmentation is fixed by the data module's seed, whatever the number of workers.
 """
 
@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from agreement.sampling import MAX_SEED
 from ssl3d.data.images import load_image
 from ssl3d.data.sources import VolumeSource, as_sources
 from ssl3d.data.transforms import (
-    _MAX_SEED,
     TwoDifferentVolumeViews,
     TwoViews2D,
     seeded_views_2d,
@@ -40,7 +40,7 @@ def _split_key(key: int | tuple[int, int] | Sequence[int], length: int) -> tuple
     if isinstance(key, (tuple, list)):
         index, seed = int(key[0]), int(key[1])
     else:
-        index, seed = int(key), int(torch.randint(0, _MAX_SEED, ()).item())
+        index, seed = int(key), int(torch.randint(0, MAX_SEED, ()).item())
     if not 0 <= index < length:
         raise IndexError(f"index {index} out of range for a dataset of {length} samples")
     return index, seed
@@ -156,7 +156,7 @@ class VolumeViewsDataset(Dataset):
         position, sample = divmod(index, self.samples_per_volume)
         rng = np.random.RandomState(seed)
         slab = self.loader.fit(self.volume(position), rng if self.random_crop else None)
-        view1, view2 = seeded_volume_views(self.views, slab, int(rng.randint(_MAX_SEED)))
+        view1, view2 = seeded_volume_views(self.views, slab, int(rng.randint(MAX_SEED)))
         global_index = self.volume_ids[position] * self.samples_per_volume + sample
         return {"index": global_index, "view1": view1, "view2": view2}
 
@@ -284,55 +284,3 @@ class IndexedConcatDataset(Dataset):
         if not isinstance(item, dict) or "index" not in item:
             raise ValueError(f"IndexedConcatDataset: part {part} returned an item without an 'index' key")
         return {**item, "index": int(item["index"]) + int(self.index_offsets[part])}
-
-
-class SeededSampler(DistributedSampler):
-    """Yields ``(index, seed)`` keys: a shuffled order and per-sample seeds fixed by ``(seed, stream, epoch)``.
-
-    It is a ``DistributedSampler`` so that Lightning keeps it instead of injecting its own under DDP; with
-    ``num_replicas``/``rank`` it shards like one. ``set_epoch`` (called by Lightning every epoch) changes the
-    order and seeds; each further pass within an epoch (a shorter loader cycled by ``CombinedLoader``) does too.
-    ``stream`` separates loaders that share a seed, e.g. ranks that hold different pre-sharded datasets.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        shuffle: bool = True,
-        seed: int = 0,
-        stream: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
-        )
-        self.stream = int(stream)
-        self._passes = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self._passes = 0
-
-    def state_dict(self) -> dict[str, int]:
-        """The epoch and the number of passes started in it: what the next pass's order and seeds follow from."""
-        return {"epoch": int(self.epoch), "passes": self._passes}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._passes = int(state["passes"])
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        key = [self.seed, self.stream, self.epoch, self._passes]
-        self._passes += 1
-        size = len(self.dataset)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-            order = torch.randperm(size, generator=generator).tolist()
-        else:
-            order = list(range(size))
-        while len(order) < self.total_size:  # repeat a few so every rank gets the same count
-            order += order[: self.total_size - len(order)]
-        mine = order[self.rank : self.total_size : self.num_replicas]
-        seeds = np.random.SeedSequence([*key, self.rank]).generate_state(len(mine)) % _MAX_SEED
-        return iter(zip(mine, (int(s) for s in seeds)))

@@ -23,9 +23,8 @@ from monai.transforms import (
 )
 from torchvision.transforms import v2
 
+from agreement.sampling import MAX_SEED
 from ssl3d.data.volumes import _plain
-
-_MAX_SEED = 2**31 - 1
 
 
 def default_volume_transforms(intensity: bool = True) -> list[Callable]:
@@ -83,7 +82,7 @@ class TwoDifferentVolumeViews(Randomizable):
         for index in self.last_choice:
             transform = self.transforms[index]
             if isinstance(transform, Randomizable):
-                transform.set_random_state(seed=int(self.R.randint(_MAX_SEED)))
+                transform.set_random_state(seed=int(self.R.randint(MAX_SEED)))
             views.append(_plain(transform(volume.clone())).contiguous())
         return views[0], views[1]
 

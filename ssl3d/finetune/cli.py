@@ -25,21 +25,18 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
 
 from agreement.inputs import report_root_cause
 from agreement.runs import (
     CHECKPOINT_DIR,
     LAST,
     MAY_DIFFER_ON_RESUME,
-    ExactResume,
-    MarkUnfinished,
-    RunCheckpoint,
+    RunCLI,
     RunInterrupted,
-    RunLogger,
     check_budget,
     check_resume_config,
     checkpoint_info,
+    default_run_dir,
     flatten_config,
     is_unfinished,
     last_checkpoint,
@@ -91,11 +88,16 @@ def resolve_encoder(
     return str(found)
 
 
-class FinetuneCLI(LightningCLI):
+class FinetuneCLI(RunCLI):
     """LightningCLI with a run folder per initialisation, the encoder resolution and the comparison switch."""
 
+    CKPT_PATH_HELP = (
+        "'last': resume the run in --run_dir (each initialisation from its own last.ckpt); or a checkpoint file, "
+        "which resumes the initialisation whose folder holds it"
+    )
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_dir", type=str | None, default=None, help="output folder of this run")
+        super().add_arguments_to_parser(parser)
         parser.add_argument(
             "--compare_random",
             type=bool,
@@ -109,29 +111,13 @@ class FinetuneCLI(LightningCLI):
             help="arguments of scripts/pretrain.py used when encoder is 'latest' and no pretraining run exists",
         )
         parser.add_argument("--variant", type=str | None, default=None, help="subfolder name (set by main)")
-        parser.add_argument(
-            "--ckpt_path",
-            type=str | None,
-            default=None,
-            help="'last': resume the run in --run_dir (each initialisation from its own last.ckpt); or a "
-            "checkpoint file, which resumes the initialisation whose folder holds it",
-        )
-        parser.add_argument(
-            "--checkpoint_every_n_steps",
-            type=int,
-            default=500,
-            help="write <init>/checkpoints/last.ckpt every N optimizer steps too (0: epoch ends and signals only)",
-        )
         parser.link_arguments("data.init_args.class_names", "model.init_args.class_names")
 
     def before_instantiate_classes(self) -> None:
         """Resolve the run folder, the checkpoint and the encoder; check all before anything is written."""
         config = self.config
         check_budget(config["trainer"], "fine-tuning")  # max_epochs=-1 with a max_steps is a finite budget
-        if config["checkpoint_every_n_steps"] < 0:
-            raise ValueError(
-                f"--checkpoint_every_n_steps must be >= 0, got {config['checkpoint_every_n_steps']}"
-            )
+        self.check_run_arguments(config)
         model_args = config["model"]["init_args"]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path not in (None, "last"):
@@ -142,11 +128,7 @@ class FinetuneCLI(LightningCLI):
                 config["run_dir"] = str(file.parents[2])  # <run>/<initialisation>/checkpoints/<file>
         if ckpt_path == "last" and config["run_dir"] is None:
             raise ValueError("--ckpt_path last resumes the run in --run_dir: give --run_dir <run folder>")
-        parent = (
-            Path(config["run_dir"])
-            if config["run_dir"]
-            else Path("runs/finetune") / time.strftime("%Y%m%d-%H%M%S")
-        )
+        parent = Path(config["run_dir"]) if config["run_dir"] else default_run_dir("finetune")
         config["run_dir"] = str(parent)
         variant = config["variant"] or ("pretrained" if model_args.get("encoder") else "random")
         # main() runs the random-weights comparison with --variant after the first one has written its folder.
@@ -195,34 +177,21 @@ class FinetuneCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run_dir = self.variant_dir()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        hint = f"python scripts/finetune.py --config {run_dir / 'config.yaml'} --ckpt_path last"
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = RunLogger(run_dir, resume_step=self.resume_step)
-        kwargs["default_root_dir"] = str(run_dir)
         monitor, mode = getattr(self.model, "monitor", (None, "max"))
         if not getattr(self.datamodule, "has_validation", False):
             monitor = None
-        callbacks = [
-            ExactResume(),
-            MarkUnfinished([run_dir.parent, run_dir], hint),
-            *(trainer_config.get("callbacks") or []),
-        ]
-        if monitor:  # the best epoch by validation, for testing; before RunCheckpoint so its state is saved
-            callbacks.append(
-                ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, monitor=monitor, mode=mode, save_top_k=1)
-            )
-        kwargs["callbacks"] = [
-            *callbacks,
-            RunCheckpoint(
-                run_dir / CHECKPOINT_DIR,
-                every_n_steps=self.config["checkpoint_every_n_steps"],
-                config=flatten_config(self.config),
-            ),
-            LearningRateMonitor(logging_interval="step"),
-        ]
-        return super().instantiate_trainer(**kwargs)
+        # the best epoch by validation, for testing
+        best = [ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, monitor=monitor, mode=mode, save_top_k=1)]
+        run = self.run_trainer_kwargs(
+            run_dir,
+            self.config,
+            resume_step=self.resume_step,
+            unfinished=[run_dir.parent, run_dir],
+            resume_hint=f"python scripts/finetune.py --config {run_dir / 'config.yaml'} --ckpt_path last",
+            before_checkpoint=best if monitor else [],
+            after_checkpoint=[LearningRateMonitor(logging_interval="step")],
+        )
+        return super().instantiate_trainer(**kwargs | run)
 
 
 def _make_cli(args: list[str]) -> FinetuneCLI:

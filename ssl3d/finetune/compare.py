@@ -48,6 +48,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from agreement.runs import default_run_dir
 from ssl3d.probe import recalibrate_batchnorm
 from ssl3d.report import save_figure
 
@@ -730,7 +731,7 @@ def mean_curves(result: dict[str, Any]) -> dict[tuple[str, str], list[tuple[int,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison of ``args`` (see :func:`add_arguments`), write the report, return the summary."""
     if args.out_dir is None:
-        args.out_dir = str(Path("runs") / "evaluate" / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.out_dir = str(default_run_dir("evaluate", "finetune-"))
     result = run_comparison(args)
     if result["arms"] != list(ARMS):
         print(f"Ran only {result['arms']}; rerun with both arms and --resume for the report.")

@@ -4,7 +4,8 @@ import random
 import pytest
 import torch
 
-from prompts.data import FewShotDataModule, SeededEpochSampler
+from agreement.sampling import SeededSampler
+from prompts.data import FewShotDataModule
 from prompts.datasets import Item
 from prompts.splits import fewshot_split, generate_fewshot, split_base_novel, subsample_classes
 from tests.prompts.tiny import NAMES, make_coop_dataset, make_image_folder
@@ -68,20 +69,15 @@ def test_datamodule_on_a_coop_split(tmp_path):
     assert batch["image"].shape == (4, 3, 224, 224)  # open_clip's default preprocessing without a model
 
 
-def test_sampler_shards_and_is_seeded_by_epoch():
-    data = list(range(10))
-    ranks = []
-    for rank in (0, 1):
-        s = SeededEpochSampler(data, seed=3)
-        s.num_replicas, s.rank = 2, rank
-        s.num_samples, s.total_size = 5, 10
-        ranks.append([i for i, _ in s])
-    assert sorted(ranks[0] + ranks[1]) == data
-    s = SeededEpochSampler(data, seed=3)
-    first = list(s)
-    assert list(s) == first
-    s.set_epoch(1)
-    assert list(s) != first
+def test_train_loader_draws_from_the_shared_seeded_sampler(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_split=(4, 1, 1))
+    dm = FewShotDataModule("imagefolder", str(root), num_shots=2, seed=3, subsample="all", batch_size=2)
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, SeededSampler)
+    assert (sampler.seed, sampler.num_replicas, sampler.rank) == (3, 1, 0)
+    keys = list(sampler)
+    assert sorted(index for index, _ in keys) == list(range(len(sampler.dataset)))
 
 
 # ------------------------------------------------------------------ bad input

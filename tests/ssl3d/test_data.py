@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.io import write_png
 
+from agreement.sampling import SeededSampler
 from ssl3d.data import (
     IndexedConcatDataset,
     JointSSLDataModule,
-    SeededSampler,
     SliceViewsDataset,
     TwoDifferentVolumeViews,
     TwoViews2D,
@@ -367,22 +367,6 @@ def test_slice_views_are_reproducible(tmp_path):
     assert first["view1"].shape == (1, 16, 16)
     assert torch.equal(first["view1"], again["view1"]) and torch.equal(first["view2"], again["view2"])
     assert not torch.equal(first["view1"], first["view2"])
-
-
-def test_sampler_keys_follow_seed_epoch_and_pass():
-    dataset = list(range(10))
-    keys = list(SeededSampler(dataset, seed=3))
-    assert keys == list(SeededSampler(dataset, seed=3))
-    assert sorted(i for i, _ in keys) == list(range(10))
-    assert keys != list(SeededSampler(dataset, seed=4))
-    sampler = SeededSampler(dataset, seed=3)
-    first_pass, second_pass = list(sampler), list(sampler)
-    assert first_pass == keys and second_pass != keys  # a cycled loader does not repeat its augmentations
-    sampler.set_epoch(1)
-    assert list(sampler) != keys
-    shards = [list(SeededSampler(dataset, seed=3, num_replicas=3, rank=r)) for r in range(3)]
-    assert all(len(s) == 4 for s in shards)
-    assert {i for s in shards for i, _ in s} == set(range(10))
 
 
 def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):

@@ -38,7 +38,13 @@ def test_agreement_quick_writes_timings_and_ratios(benchmark, tmp_path):
     assert {"torch", "cpu", "torch_threads", "load_average_1_5_15_min"} <= set(data["environment"])
     kmeans = data["kmeans"]
     assert positive_finite(kmeans["matmul_gflops"]) and positive_finite(kmeans["bound_seconds"])
-    assert set(kmeans["results"]) == {"torch", "torch bf16", "faiss", "sklearn"}
+    assert set(kmeans["results"]) == {
+        "torch",
+        "torch bf16",
+        "torch bf16, min with indices",
+        "faiss",
+        "sklearn",
+    }
     for result in kmeans["results"].values():
         assert positive_finite(result["seconds"])
         assert all(positive_finite(t) for t in result["seconds_all"])

@@ -56,7 +56,9 @@ def test_zero_depth_equals_plain_open_clip(tiny_bundle):
 @pytest.mark.parametrize("depth", [0, 3])
 def test_text_tower_stops_at_the_last_end_token_with_the_same_features_and_gradients(tiny_bundle, depth):
     # float64, so that the comparison sees the maths and not the summation order of fp32 products
-    model = PromptedCLIP(copy.deepcopy(tiny_bundle.model), tokenizer=tiny_bundle.tokenizer, depth=depth).double()
+    model = PromptedCLIP(
+        copy.deepcopy(tiny_bundle.model), tokenizer=tiny_bundle.tokenizer, depth=depth
+    ).double()
     model.set_classnames(["cat", "a much longer class name with many words"])
     model.token_embeds = model.token_embeds.double()
     full_length = model.clip.positional_embedding.shape[0]

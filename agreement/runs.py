@@ -43,6 +43,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from torch.utils.data import BatchSampler, DataLoader
 
 from agreement import dist
+from agreement.allocator import retain_freed_memory
 from agreement.rng import rng_state, set_rng_state
 
 CHECKPOINT_DIR = "checkpoints"
@@ -786,12 +787,17 @@ class RunCLI(LightningCLI):
     ``RUN_DIR_HELP`` and ``CKPT_PATH_HELP``), checks them with :meth:`check_run_arguments`, and
     :meth:`run_trainer_kwargs` gives a trainer what every run folder needs: its logger (unless the configuration
     names one), exact resume, the ``UNFINISHED`` marks, the configuration's callbacks and ``RunCheckpoint``.
+    Freed memory is kept for reuse (:func:`agreement.allocator.retain_freed_memory`) before anything is built.
     """
 
     RUN_DIR_HELP = "output folder of this run"
     CKPT_PATH_HELP = (
         "resume from this checkpoint, or 'last' for <run_dir>/checkpoints/last.ckpt (same configuration)"
     )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        retain_freed_memory()
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None, help=self.RUN_DIR_HELP)

@@ -12,13 +12,13 @@ import torch
 
 from agreement.kmeans import inertia, kmeans
 from agreement.sinkhorn import sinkhorn
+from agreement.tables import markdown_table
 from benchmarks.common import (
     check_finite_positive,
     environment,
     environment_line,
     interleaved_times,
     load_average,
-    markdown_table,
     matmul_gflops,
     median,
     pause_for_spinning_pools,

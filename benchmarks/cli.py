@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from agreement.allocator import retain_freed_memory
+from agreement.tables import markdown_table
 from benchmarks.agreement import _sklearn_kmeans, agreement_tables, run_agreement
 from benchmarks.common import (
     limit_threads,
-    markdown_table,
     require_device,
     write_json,
 )
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "threads at every parallel op",
     )
     parser.add_argument(
+        "--malloc",
+        choices=["retain", "glibc"],
+        default="retain",
+        help="retain: keep freed memory for reuse, as the training CLIs do (agreement.allocator); glibc: its "
+        "default, which unmaps large blocks when freed",
+    )
+    parser.add_argument(
         "--split",
         choices=["held-out", "tuning"],
         default="held-out",
@@ -76,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out if args.out is not None else Path("runs") / "benchmark" / f"{args.suite}.json"
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.malloc == "retain":
+        retain_freed_memory()
     if args.suite in ("agreement", "all"):
         _load_compared_libraries()
     with limit_threads(args.threads):

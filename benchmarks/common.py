@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from agreement.allocator import retaining_freed_memory
+
 # The official implementations' CPU step times (2 threads, fp32), by the machine type they were measured on; a
 # ratio against them only means something on that machine type, and from another sitting it carries that
 # sitting's noise (up to 25% between runs). Intel: interleaved IVLP/PromptSRC (A3) and the 3D-SwAV steps (B1, B2);
@@ -151,6 +153,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "load_average_1_5_15_min": load_average(),
         # Overrides OpenBLAS's kernel choice; faiss's bundled OpenBLAS needs it for its native kernel on some CPUs.
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "malloc_retains_freed_memory": retaining_freed_memory(),
     }
     device = torch.device(device)
     if device.type == "cuda":
@@ -232,26 +235,6 @@ def check_finite_positive(values: Mapping[str, float]) -> None:
         raise RuntimeError(f"benchmark produced non-positive or non-finite timings: {bad}")
 
 
-def format_number(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** -(digits - 1)):
-            return f"{value:.{digits}g}"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
-    """A GitHub-flavoured Markdown table; floats are rounded to ``digits`` places."""
-    cells = [[format_number(value, digits) for value in row] for row in rows]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     """Write ``data`` as indented JSON, creating the parent folder."""
     path = Path(path)
@@ -263,5 +246,6 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
 def environment_line(env: dict[str, Any]) -> str:
     return (
         f"torch {env['torch']}, {env['torch_threads']} threads, CPU: {env['cpu']} ({env['cpu_count']} usable), "
-        f"load average at start {env['load_average_1_5_15_min']}, at end {env['load_average_at_end']}"
+        f"load average at start {env['load_average_1_5_15_min']}, at end {env['load_average_at_end']}, "
+        f"malloc {'retaining freed memory' if env.get('malloc_retains_freed_memory') else 'glibc default'}"
     )

@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
+from agreement.tables import markdown_table
 from benchmarks.common import (
     check_finite_positive,
     environment,
     environment_line,
     interleaved_times,
     load_average,
-    markdown_table,
     matmul_gflops,
     median,
     official_step_seconds,

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from agreement.tables import markdown_table
 from entities.metrics import evaluate, evaluate_expected
 from entities.names import Gazetteer
 from entities.pipeline import discover, names_to_ids
@@ -202,12 +203,13 @@ def worst_margins(summary: dict[str, Any]) -> dict[str, float]:
 def markdown(result: dict[str, Any]) -> str:
     """Per-regime table: accuracy / mean per-class accuracy of every stage, ours and official."""
     summary = result["summary"]
-    header = (
-        "| regime | "
-        + " | ".join(f"{s}: ours | {s}: official" for s in STAGES[1:])
-        + " | stage 1 | stage-3 mean per-class gain |"
-    )
-    lines = [header, "| --- |" + " --- |" * 6]
+    columns = [
+        "regime",
+        *(f"{stage}: {method}" for stage in STAGES[1:] for method in ("ours", "official")),
+        "stage 1",
+        "stage-3 mean per-class gain",
+    ]
+    rows = []
     for regime, entry in summary.items():
         cells = []
         for stage in STAGES[1:]:
@@ -225,8 +227,8 @@ def markdown(result: dict[str, Any]) -> str:
             if regime in ("mean", e["regime"])
         ]
         cells.append(f"{np.mean(gains):+.3f} ± {np.std(gains):.3f}")
-        name = f"**{regime}**" if regime == "mean" else regime
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([f"**{regime}**" if regime == "mean" else regime, *cells])
+    lines = [markdown_table(columns, rows)]
     episodes = summary["mean"]["episodes"]
     lines.append("")
     lines.append(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from agreement import metrics as core
+from agreement.tables import format_cell, markdown_table
 
 
 def _check(y_true: np.ndarray, num_classes: int) -> np.ndarray:
@@ -108,28 +109,21 @@ TABLE_COLUMNS = (
 
 def stage_table(results: dict[str, dict[str, Any]]) -> str:
     """A Markdown table with one row per method/stage."""
-    header = "| method | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"
-    lines = [header, "|" + " --- |" * (len(TABLE_COLUMNS) + 1)]
-    for method, values in results.items():
-        cells = []
-        for _, key in TABLE_COLUMNS:
-            value = values.get(key)
-            cells.append(
-                "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}"
-            )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[method, *(values.get(key) for _, key in TABLE_COLUMNS)] for method, values in results.items()]
+    return markdown_table(["method", *(title for title, _ in TABLE_COLUMNS)], rows, digits=4)
 
 
 def per_class_table(results: dict[str, dict[str, Any]], classes: Sequence[str]) -> str:
     """Per-class recall and precision (``recall / precision``) for each method."""
-    lines = ["| method | " + " | ".join(classes) + " |", "|" + " --- |" * (len(classes) + 1)]
-    for method, values in results.items():
-        cells = []
-        for name in classes:
-            entry = values["per_class"][name]
-            recall = "-" if entry["recall"] is None else f"{entry['recall']:.3f}"
-            precision = "-" if entry["precision"] is None else f"{entry['precision']:.3f}"
-            cells.append(f"{recall} / {precision}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [
+            method,
+            *(
+                f"{format_cell(values['per_class'][name]['recall'])} / "
+                f"{format_cell(values['per_class'][name]['precision'])}"
+                for name in classes
+            ),
+        ]
+        for method, values in results.items()
+    ]
+    return markdown_table(["method", *classes], rows)

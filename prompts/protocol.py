@@ -35,6 +35,7 @@ from agreement.runs import (
     mark_unfinished,
     note_unfinished,
 )
+from agreement.tables import markdown_table
 from prompts.checkpoint import save_prompts
 from prompts.data import FewShotDataModule
 from prompts.inputs import check_protocol_inputs
@@ -300,18 +301,12 @@ def summarise(protocol: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"table": table, "columns": columns}
 
 
-def markdown_table(table: list[dict[str, Any]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in table]
-    return "\n".join(lines)
-
-
 def write_results(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """``results.md`` (summary table), ``results.csv`` (one row per run and evaluation) and ``results.json``."""
     title = f"# {summary['protocol']} results\n\n"
     if summary.get("random_weights"):
         title += f"**{RANDOM_BANNER}**\n\n"
-    (run_dir / "results.md").write_text(title + markdown_table(summary["table"], summary["columns"]) + "\n")
+    (run_dir / "results.md").write_text(title + markdown_table(summary["columns"], summary["table"]) + "\n")
     with open(run_dir / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -324,7 +319,7 @@ def print_results(summary: dict[str, Any]) -> None:
     print()
     if summary.get("random_weights"):
         print(f"*** {RANDOM_BANNER} ***")
-    print(markdown_table(summary["table"], summary["columns"]))
+    print(markdown_table(summary["columns"], summary["table"]))
     print(
         f"\nResults (results.md, results.csv, results.json) in {summary['run_dir']} ({summary['seconds']} s)"
     )

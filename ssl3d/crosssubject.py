@@ -47,12 +47,13 @@ from torchmetrics.functional.classification import multilabel_auroc
 
 from agreement.inputs import load_torch_file
 from agreement.optional import optional_import
+from agreement.tables import markdown_table
 from ssl3d.data.datamodule import DEMO_RESOLUTION
 from ssl3d.encoder import SliceEncoder
 from ssl3d.fashion import DatasetNotFoundError, _mean_std
 from ssl3d.module import JointSSL
 from ssl3d.probe import _pretraining_slices, recalibrate_batchnorm
-from ssl3d.report import format_table, save_figure
+from ssl3d.report import save_figure
 
 DEFAULT_COLIN_DIR = Path("/usr/share/mricron/templates")
 COLIN_FILES = {"t1": "ch2bet.nii.gz", "atlas": "aal.nii.gz", "names": "aal.nii.txt"}
@@ -773,7 +774,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
                 ),
             }
         )
-    return format_table(table, list(table[0])) if table else ""
+    return markdown_table(list(table[0]), table) if table else ""
 
 
 def _verdict_line(rows: Sequence[dict[str, Any]], flag: str, qualifier: str, rule: str) -> str:
@@ -906,7 +907,7 @@ def format_run_rows(rows: Sequence[dict[str, Any]]) -> str:
                 ),
             }
         )
-    return format_table(table, list(table[0])) if table else ""
+    return markdown_table(list(table[0]), table) if table else ""
 
 
 def run_verdict(rows: Sequence[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from agreement.allocator import retain_freed_memory
 from agreement.runs import UNFINISHED, default_run_dir, last_checkpoint
 from ssl3d.fashion import CheckConfig, DatasetNotFoundError, report_table, run_check
 
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     parsed = build_parser().parse_args(args)
+    retain_freed_memory()  # the checks train in this process
     try:
         return parsed.run(parsed)
     except (DatasetNotFoundError, ValueError) as error:

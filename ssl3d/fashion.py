@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from agreement.callbacks import KNNProbeCallback
 from agreement.knn import knn_accuracy, linear_probe
 from agreement.sampling import SeededSampler
+from agreement.tables import markdown_table
 from ssl3d.data.datasets import _split_key
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
@@ -643,25 +644,44 @@ def run_check(
 def report_table(result: dict[str, Any]) -> str:
     """The Markdown table of :func:`run_check`'s result."""
     rnd = result["random"]
-    lines = [
-        "| encoder | kNN accuracy (k=20) | gain over random mean | paired gain (own init) | linear probe "
-        "| L_intra first -> last (log K) | cluster usage | passes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| random initialisation ({len(rnd['accuracy_by_seed'])} seeds) | {rnd['mean']:.4f} ± {rnd['std']:.4f} "
-        f"| | | {_linear(rnd)} | | | |",
+    columns = [
+        "encoder",
+        "kNN accuracy (k=20)",
+        "gain over random mean",
+        "paired gain (own init)",
+        "linear probe",
+        "L_intra first -> last (log K)",
+        "cluster usage",
+        "passes",
+    ]
+    rows = [
+        [
+            f"random initialisation ({len(rnd['accuracy_by_seed'])} seeds)",
+            f"{rnd['mean']:.4f} ± {rnd['std']:.4f}",
+            "",
+            "",
+            _linear(rnd),
+            "",
+            "",
+            "",
+        ]
     ]
     for method, m in result["methods"].items():
         runs = m["runs"]
         loss = " / ".join(f"{r['loss_intra'][0]:.2f} -> {r['loss_intra'][-1]:.2f}" for r in runs)
-        usage = " / ".join(f"{r['cluster_usage'][-1]:.2f}" for r in runs)
-        lines.append(
-            f"| {method} ({len(runs)} seeds, {runs[0]['steps']} steps) | {m['accuracy_mean']:.4f} ± "
-            f"{m['accuracy_std']:.4f} | {m['gain_over_random_mean']:+.4f} ({m['gain_in_random_stds']:.1f} std) | "
-            f"{m['paired_gain_mean']:+.4f} ± {m['paired_gain_std']:.4f} | {_linear(m)} | {loss} "
-            f"({result['log_k']:.2f}) | "
-            f"{usage} | {'yes' if m['passes'] else 'no'} |"
+        rows.append(
+            [
+                f"{method} ({len(runs)} seeds, {runs[0]['steps']} steps)",
+                f"{m['accuracy_mean']:.4f} ± {m['accuracy_std']:.4f}",
+                f"{m['gain_over_random_mean']:+.4f} ({m['gain_in_random_stds']:.1f} std)",
+                f"{m['paired_gain_mean']:+.4f} ± {m['paired_gain_std']:.4f}",
+                _linear(m),
+                f"{loss} ({result['log_k']:.2f})",
+                " / ".join(f"{r['cluster_usage'][-1]:.2f}" for r in runs),
+                "yes" if m["passes"] else "no",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(columns, rows)
 
 
 def _linear(row: dict[str, Any]) -> str:

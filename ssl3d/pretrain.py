@@ -35,11 +35,12 @@ from agreement.runs import (
     refuse_to_overwrite,
     resolve_checkpoint,
 )
+from agreement.tables import markdown_table
 from ssl3d.data.datamodule import JointSSLDataModule
 from ssl3d.encoder import SliceEncoder
 from ssl3d.export import export_encoder
 from ssl3d.module import JointSSL
-from ssl3d.report import format_table, plot_loss_curves
+from ssl3d.report import plot_loss_curves
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ssl3d"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -313,7 +314,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             }
             for row in rows
         ]
-        print(format_table(table, list(table[0])))
+        print(markdown_table(list(table[0]), table))
         print(f"Raw intensities of each patch: accuracy {summary['probe_raw_intensities']:.3f}.")
         better = [row["features"] for row in rows if row["beats every random seed"]]
         worse = [row["features"] for row in rows if not row["beats every random seed"]]

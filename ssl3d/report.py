@@ -56,14 +56,3 @@ def save_figure(figure, out_png: str | Path, dpi: int = 110) -> Path:
     figure.savefig(out_png, dpi=dpi)
     plt.close(figure)
     return out_png
-
-
-def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
-    """A Markdown table of ``rows`` (floats with 3 decimals)."""
-
-    def cell(value: object) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)

@@ -43,7 +43,7 @@ from agreement.runs import (
     mark_finished,
     note_unfinished,
 )
-from ssl3d.report import format_table
+from agreement.tables import markdown_table
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -281,4 +281,4 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"  {variant['variant']:<10} encoder={variant['encoder']}  ({variant['fit_seconds']:.0f} s training)"
         )
     print()
-    print(format_table(rows, columns))
+    print(markdown_table(columns, rows))

@@ -49,6 +49,7 @@ import pytorch_lightning as pl
 import torch
 
 from agreement.runs import default_run_dir
+from agreement.tables import markdown_table
 from ssl3d.probe import recalibrate_batchnorm
 from ssl3d.report import save_figure
 
@@ -572,32 +573,44 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
 
 def report_table(summary: dict[str, Any]) -> str:
     name = METRIC_NAMES[summary["metric"]]
-    lines = [
-        f"| label fraction (slices) | random {name} | pretrained {name} | paired difference (pretrained - random)"
-        " | pretrained better | final training loss (random / pretrained) |",
-        "|---|---|---|---|---|---|",
+    columns = [
+        "label fraction (slices)",
+        f"random {name}",
+        f"pretrained {name}",
+        "paired difference (pretrained - random)",
+        "pretrained better",
+        "final training loss (random / pretrained)",
     ]
+    rows = []
     for fraction, entry in summary["fractions"].items():
         rnd, pre, diff = entry["random"], entry["pretrained"], entry["difference"]
         slices = f"{entry.get('labelled_slices', '?')}/{entry.get('training_slices', '?')}"
-        lines.append(
-            f"| {fraction} ({slices}) | {rnd['mean']:.4f} ± {rnd['std']:.4f} | {pre['mean']:.4f} ± {pre['std']:.4f}"
-            f" | {diff['mean']:+.4f} ± {diff['std']:.4f} | {diff['pretrained_wins']}/{len(entry['seeds'])} | "
-            f"{rnd['final_train_loss_mean']:.4f} / {pre['final_train_loss_mean']:.4f} |"
+        rows.append(
+            [
+                f"{fraction} ({slices})",
+                f"{rnd['mean']:.4f} ± {rnd['std']:.4f}",
+                f"{pre['mean']:.4f} ± {pre['std']:.4f}",
+                f"{diff['mean']:+.4f} ± {diff['std']:.4f}",
+                f"{diff['pretrained_wins']}/{len(entry['seeds'])}",
+                f"{rnd['final_train_loss_mean']:.4f} / {pre['final_train_loss_mean']:.4f}",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(columns, rows)
 
 
 def per_seed_table(summary: dict[str, Any]) -> str:
-    lines = ["| label fraction | seed | random | pretrained | difference |", "|---|---|---|---|---|"]
-    for fraction, entry in summary["fractions"].items():
-        for seed in entry["seeds"]:
-            key = str(seed)
-            lines.append(
-                f"| {fraction} | {seed} | {entry['random']['by_seed'][key]:.4f} | "
-                f"{entry['pretrained']['by_seed'][key]:.4f} | {entry['difference']['by_seed'][key]:+.4f} |"
-            )
-    return "\n".join(lines)
+    rows = [
+        [
+            fraction,
+            seed,
+            f"{entry['random']['by_seed'][str(seed)]:.4f}",
+            f"{entry['pretrained']['by_seed'][str(seed)]:.4f}",
+            f"{entry['difference']['by_seed'][str(seed)]:+.4f}",
+        ]
+        for fraction, entry in summary["fractions"].items()
+        for seed in entry["seeds"]
+    ]
+    return markdown_table(["label fraction", "seed", "random", "pretrained", "difference"], rows)
 
 
 def write_report(summary: dict[str, Any], curves: dict[tuple[str, str], list], out_dir: Path) -> None:

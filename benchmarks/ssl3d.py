@@ -156,8 +156,8 @@ def training_step_fn(
     gradient_clip: float | None = 2.0,
 ) -> Callable[[], None]:
     """One forward + backward + LARS step of a fresh ``JointSSL(**model_kwargs)`` on ``batch`` per call."""
+    from agreement.optim import build_optimizer
     from ssl3d.module import JointSSL
-    from ssl3d.optim import build_optimizer
 
     torch.manual_seed(0)
     model = JointSSL(**model_kwargs).to(device).train()

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from agreement.optim import build_optimizer
+
 
 class LinearEntityHead(pl.LightningModule):
     """Linear classifier over frozen embeddings, cross-entropy, AdamW."""
@@ -35,8 +37,8 @@ class LinearEntityHead(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        return build_optimizer(
+            self.parameters(), "adamw", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
 
 

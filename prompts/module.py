@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from agreement.clip import build_clip
+from agreement.optim import build_optimizer
 from agreement.schedules import WarmupCosineSchedule
 from prompts.gpa import PromptAggregator, gpa_weights
 from prompts.losses import kgcoop_loss, promptsrc_loss
@@ -144,7 +145,9 @@ class PromptCLIPModule(pl.LightningModule):
         if not params:
             return None
         hp = self.hparams
-        optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        optimizer = build_optimizer(
+            params, "sgd", lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
+        )
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
         factor = hp.warmup_lr / hp.lr if hp.lr > 0 else 1.0
         # Dassl's recipe: a constant rate during warm-up, then a cosine over max_epochs from the warm-up's end.

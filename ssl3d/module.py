@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader
 
 from agreement.clustering import ClusteringHead, DeepClusterV2Clustering, SwAVClustering
 from agreement.losses import masked_embedding_regression
+from agreement.optim import build_optimizer, parameter_groups, scaled_lr
 from agreement.prototypes import ProjectionHead
 from agreement.schedules import WarmupCosineSchedule
 from ssl3d.architecture import SliceModelConfig
 from ssl3d.attention import MaskedSliceModel, random_slice_mask
-from ssl3d.optim import build_optimizer, parameter_groups, scaled_lr
 from ssl3d.rng import rng_state, set_rng_state
 
 Clustering = Literal["swav", "deepcluster"]

@@ -8,8 +8,8 @@ from typing import Literal
 
 import torch
 
+from agreement.optim import build_optimizer as core_optimizer
 from agreement.schedules import WarmupCosineSchedule
-from ssl3d.optim import build_optimizer as pretraining_optimizer
 
 Optimizer = Literal["adamw", "sgd"]
 
@@ -17,13 +17,13 @@ Optimizer = Literal["adamw", "sgd"]
 def build_optimizer(
     groups: list[dict], name: Optimizer, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
-    """The pretraining recipe's ``build_optimizer`` (AdamW or SGD here) over the groups that hold parameters."""
+    """``agreement.optim.build_optimizer`` (AdamW or SGD here) over the groups that hold parameters."""
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     if name not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
-    return pretraining_optimizer(groups, name, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    return core_optimizer(groups, name, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
 def scheduler_config(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> dict:

@@ -6,9 +6,9 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
+from agreement.optim import build_optimizer, parameter_groups, scaled_lr
 from ssl3d.encoder import SliceEncoder, create_backbone
 from ssl3d.module import JointSSL
-from ssl3d.optim import build_optimizer, parameter_groups, scaled_lr
 from tests.ssl3d.test_module import make_trainer
 from tests.ssl3d.tiny import TINY_MODEL, TINY_SWAV, TinyDataModule
 

@@ -1,4 +1,5 @@
-"""Optimisers of the pretraining recipe (its schedule is ``agreement.schedules``)."""
+"""The optimizer factory of every trainer: SGD + LARS (the pretraining recipe), SGD and AdamW, with parameter groups
+that exempt biases and normalisation parameters (schedules are ``agreement.schedules``)."""
 
 from __future__ import annotations
 

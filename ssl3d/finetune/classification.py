@@ -12,13 +12,11 @@ import csv
 import logging
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from agreement.runs import ResumableDataLoader
 from ssl3d.data.images import load_image
 from ssl3d.data.sources import IMAGE_EXTENSIONS
 from ssl3d.finetune.encoders import (
@@ -27,6 +25,7 @@ from ssl3d.finetune.encoders import (
     set_trainable,
 )
 from ssl3d.finetune.optim import Optimizer
+from ssl3d.finetune.splits import SplitsDataModule
 from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class ImageDataset(Dataset):
         return self.images[index], self.labels[index]
 
 
-class ImageClassificationData(pl.LightningDataModule):
+class ImageClassificationData(SplitsDataModule):
     """2D classification data: ``<split>_dir`` class folders or ``<split>_csv`` files.
 
     Args:
@@ -112,6 +111,8 @@ class ImageClassificationData(pl.LightningDataModule):
         multi_label: CSV class columns are independent 0/1 targets (e.g. chest X-ray findings).
         size: images are resized to this, as pretraining slices.
     """
+
+    missing_test = "no test images: give test_dir or test_csv"
 
     def __init__(
         self,
@@ -136,7 +137,6 @@ class ImageClassificationData(pl.LightningDataModule):
             raise ValueError("multi_label needs CSV files with one 0/1 column per class")
         if not class_names:
             raise ValueError("class_names is required (the order of the model's outputs)")
-        self.splits: dict[str, ImageDataset] = {}
 
     @property
     def has_validation(self) -> bool:
@@ -162,28 +162,6 @@ class ImageClassificationData(pl.LightningDataModule):
         for split in ("train", "val", "test"):
             if split not in self.splits and (dataset := self._load(split)) is not None:
                 self.splits[split] = dataset
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader | list:
-        if split not in self.splits:
-            return []
-        loader = ResumableDataLoader if shuffle else DataLoader  # training resumes mid-epoch exactly
-        return loader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        if "test" not in self.splits:
-            raise ValueError("no test images: give test_dir or test_csv")
-        return self._loader("test")
 
 
 class ImageClassifier(ClassificationTask):

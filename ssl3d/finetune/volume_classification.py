@@ -19,18 +19,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from agreement.inputs import load_torch_file
-from agreement.runs import ResumableDataLoader
 from ssl3d.architecture import SliceModelConfig
 from ssl3d.data.sources import list_volumes
 from ssl3d.data.volumes import VolumeLoader, check_volumes
 from ssl3d.finetune.encoders import EncoderWeightsError, set_trainable, state_mismatches
 from ssl3d.finetune.optim import Optimizer
+from ssl3d.finetune.splits import SplitsDataModule
 from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -304,7 +303,7 @@ class VolumeDataset(Dataset):
         return {"volume": self.loader.fit(volume, rng), "label": self.targets[index], "name": name}
 
 
-class VolumeClassificationData(pl.LightningDataModule):
+class VolumeClassificationData(SplitsDataModule):
     """Volumes and class labels from a decathlon-style JSON datalist.
 
     Args:
@@ -358,7 +357,6 @@ class VolumeClassificationData(pl.LightningDataModule):
             percentiles=percentiles,
             resize=resize,
         )
-        self.splits: dict[str, VolumeDataset] = {}
 
     def _keys(self) -> dict[str, str | None]:
         hp = self.hparams
@@ -376,6 +374,10 @@ class VolumeClassificationData(pl.LightningDataModule):
     @property
     def has_validation(self) -> bool:
         return self._listed(self.hparams.val_key)
+
+    @property
+    def missing_test(self) -> str:
+        return f"datalist {self.hparams.datalist}: no {self.hparams.test_key!r} list to test on"
 
     def setup(self, stage: str | None = None) -> None:
         """Check every label, then read and validate every volume of every split (before training)."""
@@ -395,27 +397,3 @@ class VolumeClassificationData(pl.LightningDataModule):
             split: VolumeDataset(paths, targets, self.loader, train=split == "train", cache=hp.cache)
             for split, (paths, targets) in listed.items()
         }
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader | list:
-        if split not in self.splits:
-            return []
-        loader = ResumableDataLoader if shuffle else DataLoader  # training resumes mid-epoch exactly
-        return loader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        if "test" not in self.splits:
-            raise ValueError(
-                f"datalist {self.hparams.datalist}: no {self.hparams.test_key!r} list to test on"
-            )
-        return self._loader("test")

@@ -538,6 +538,27 @@ class RunInterrupted(SystemExit):
         return signal.Signals(self.signum).name
 
 
+def fit_run(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    ckpt_path: str | Path | None,
+    folders: Iterable[str | Path],
+    where: str = "",
+) -> None:
+    """``trainer.fit`` (resuming from ``ckpt_path``) that, when a signal stops the run, adds where it stopped to the
+    ``UNFINISHED`` file of each of ``folders`` before the exit propagates."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except RunInterrupted as stop:
+        if trainer.is_global_zero:
+            place = f" in {where}" if where else ""
+            line = f"Stopped by {stop.signal_name}{place} after step {stop.step}: {stop.checkpoint}"
+            for folder in folders:
+                note_unfinished(folder, line)
+        raise
+
+
 class RunCheckpoint(Checkpoint):
     """Keeps ``<dirpath>/last.ckpt`` the newest complete state of the run, and stops cleanly on SIGTERM/SIGINT.
 
@@ -795,8 +816,19 @@ class RunCLI(LightningCLI):
         "resume from this checkpoint, or 'last' for <run_dir>/checkpoints/last.ckpt (same configuration)"
     )
 
+    DEFAULT_CONFIG: Path | None = None  # the configuration a run starts from (a subclass's demo)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """``LightningCLI``'s arguments; by default the CLI does not run a subcommand (the entry point drives
+        the run), overwrites the run's ``config.yaml`` on resume, starts from ``DEFAULT_CONFIG`` and raises parse
+        errors (``agreement.inputs.report_root_cause`` prints them as one last line)."""
         retain_freed_memory()
+        kwargs.setdefault("run", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs: dict[str, Any] = {"exit_on_error": False}
+        if self.DEFAULT_CONFIG is not None:
+            parser_kwargs["default_config_files"] = [str(self.DEFAULT_CONFIG)]
+        kwargs["parser_kwargs"] = parser_kwargs | kwargs.get("parser_kwargs", {})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:

@@ -37,6 +37,7 @@ class FewShotCLI(RunCLI):
     """Parses the configuration; ``build`` instantiates a fresh model, data module and trainer per (shots, seed),
     and ``prompts.protocol.run_protocol`` runs the protocol."""
 
+    DEFAULT_CONFIG = DEMO_CONFIG
     RUN_DIR_HELP = "output folder (default runs/fewshot/<time>)"
     CKPT_PATH_HELP = (
         "'last': resume the protocol in --run_dir (each (shots, seed) from its own last.ckpt); or the checkpoint "
@@ -81,15 +82,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         PromptCLIPModule,
         FewShotDataModule,
         subclass_mode_model=True,
-        run=False,
         save_config_callback=None,
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,  # hparams must be the per-run values (shots, seed, subsample)
         seed_everything_default=1,
-        parser_kwargs={
-            "default_config_files": [str(DEMO_CONFIG)],
-            "exit_on_error": False,
-        },  # see report_root_cause
         args=args,
     )
     return run_protocol(

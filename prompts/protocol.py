@@ -25,15 +25,14 @@ from agreement.runs import (
     CHECKPOINT_DIR,
     MAY_DIFFER_ON_RESUME,
     RunCLI,
-    RunInterrupted,
     check_budget,
     check_resume_config,
     default_run_dir,
+    fit_run,
     flatten_config,
     last_checkpoint,
     mark_finished,
     mark_unfinished,
-    note_unfinished,
 )
 from agreement.tables import markdown_table
 from prompts.checkpoint import save_prompts
@@ -161,14 +160,7 @@ def run_pair(
 
         load_prompts(model.model, config.init_prompts)
     if model.trainable:
-        try:
-            trainer.fit(model, datamodule=data, ckpt_path=checkpoint, weights_only=True)
-        except RunInterrupted as stop:
-            if trainer.is_global_zero:
-                line = f"Stopped by {stop.signal_name} in {folder.name} after step {stop.step}"
-                note_unfinished(folder, line)
-                note_unfinished(run_dir, line)
-            raise
+        fit_run(trainer, model, data, checkpoint, [folder, run_dir], where=folder.name)
         if trainer.global_step == 0:
             raise RuntimeError(f"{folder}: training took no optimizer step; nothing to save or evaluate")
         if trainer.is_global_zero:

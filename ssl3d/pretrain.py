@@ -25,13 +25,12 @@ from agreement.callbacks import ClusterUsageCallback
 from agreement.inputs import report_root_cause
 from agreement.runs import (
     RunCLI,
-    RunInterrupted,
     check_budget,
     check_resume_config,
     default_run_dir,
+    fit_run,
     flatten_config,
     mark_finished,
-    note_unfinished,
     refuse_to_overwrite,
     resolve_checkpoint,
 )
@@ -56,6 +55,8 @@ class PretrainCLI(RunCLI):
     Everything that can make a run impossible (its budget, the checkpoint to resume, the run folder holding another
     run, a configuration that differs from the checkpoint's) is checked before anything is written.
     """
+
+    DEFAULT_CONFIG = DEMO_CONFIG
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
@@ -202,29 +203,11 @@ def evaluate_cross_subject(
 @report_root_cause
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse, pretrain, export and evaluate; returns the summary that is also printed and saved."""
-    cli = PretrainCLI(
-        JointSSL,
-        JointSSLDataModule,
-        run=False,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "default_config_files": [str(DEMO_CONFIG)],
-            "exit_on_error": False,
-        },  # see report_root_cause
-        args=args,
-    )
+    cli = PretrainCLI(JointSSL, JointSSLDataModule, seed_everything_default=0, args=args)
     run_dir = Path(cli.config["run_dir"])
     # The seeded initialisation (also on resume: weights are loaded in fit), for the paired comparison.
     initial_state = {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
-    try:
-        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=cli.checkpoint, weights_only=True)
-    except RunInterrupted as stop:
-        if cli.trainer.is_global_zero:
-            note_unfinished(
-                run_dir, f"Stopped by {stop.signal_name} after step {stop.step}: {stop.checkpoint}"
-            )
-        raise
+    fit_run(cli.trainer, cli.model, cli.datamodule, cli.checkpoint, [run_dir])
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if not cli.trainer.is_global_zero:
         return summary

@@ -32,16 +32,15 @@ from agreement.runs import (
     LAST,
     MAY_DIFFER_ON_RESUME,
     RunCLI,
-    RunInterrupted,
     check_budget,
     check_resume_config,
     checkpoint_info,
     default_run_dir,
+    fit_run,
     flatten_config,
     is_unfinished,
     last_checkpoint,
     mark_finished,
-    note_unfinished,
 )
 from agreement.tables import markdown_table
 
@@ -90,6 +89,8 @@ def resolve_encoder(
 
 class FinetuneCLI(RunCLI):
     """LightningCLI with a run folder per initialisation, the encoder resolution and the comparison switch."""
+
+    DEFAULT_CONFIG = DEMO_CONFIG
 
     CKPT_PATH_HELP = (
         "'last': resume the run in --run_dir (each initialisation from its own last.ckpt); or a checkpoint file, "
@@ -200,13 +201,7 @@ def _make_cli(args: list[str]) -> FinetuneCLI:
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        run=False,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "default_config_files": [str(DEMO_CONFIG)],
-            "exit_on_error": False,
-        },  # see report_root_cause
         args=args,
     )
 
@@ -215,14 +210,8 @@ def run_variant(cli: FinetuneCLI) -> dict[str, Any]:
     """Fit, then test (with the best validation checkpoint when there is one); return the variant's results."""
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     started = time.perf_counter()
-    try:
-        trainer.fit(model, data, ckpt_path=cli.checkpoint, weights_only=True)
-    except RunInterrupted as stop:
-        if trainer.is_global_zero:
-            line = f"Stopped by {stop.signal_name} in {cli.variant_dir().name} after step {stop.step}"
-            note_unfinished(cli.variant_dir(), line)
-            note_unfinished(cli.variant_dir().parent, line)
-        raise
+    variant = cli.variant_dir()
+    fit_run(trainer, model, data, cli.checkpoint, [variant, variant.parent], where=variant.name)
     if trainer.global_step == 0:
         raise RuntimeError(f"{cli.variant_dir()}: training took no optimizer step; nothing to test")
     fit_seconds = time.perf_counter() - started

@@ -769,6 +769,15 @@ class _ResumedWriter(ExperimentWriter):
         self.metrics_keys = fields
 
 
+class _NewWriter(ExperimentWriter):
+    """Starts ``metrics.csv`` in a run folder that already holds the run's other files (``config.yaml``): only an
+    existing ``metrics.csv`` is worth a warning, not the folder's other files."""
+
+    def _check_log_dir_exists(self) -> None:
+        if Path(self.metrics_file_path).is_file():
+            warnings.warn(f"{self.metrics_file_path} exists and will be replaced", stacklevel=2)
+
+
 def _step_of(row: Mapping[str, str]) -> float:
     try:
         return float(row.get("step") or 0)
@@ -790,7 +799,7 @@ class RunLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             if self.resume_step is None:
-                self._experiment = ExperimentWriter(log_dir=self.log_dir)
+                self._experiment = _NewWriter(log_dir=self.log_dir)
             else:
                 self._experiment = _ResumedWriter(self.log_dir, self.resume_step)
         return self._experiment

@@ -73,7 +73,7 @@ class ClassificationTask(FinetuneTask):
         super().__init__()
         self.val_outputs = EpochOutputs()
         self.test_outputs = EpochOutputs()
-        self._case_names: dict[str, list[str] | None] = {"val": None, "test": None}
+        self._case_names: dict[str, list[str]] = {"val": [], "test": []}
         self.test_summary: dict[str, float] = {}
         self.test_results: list[dict[str, Any]] = []
 
@@ -110,17 +110,17 @@ class ClassificationTask(FinetuneTask):
         inputs, targets, names = self.split_batch(batch)
         self._epoch_outputs(split).update(self(inputs), targets)
         if names is not None:
-            self._case_names[split] = (self._case_names[split] or []) + list(names)
+            self._case_names[split].extend(names)
 
     def _finish(self, split: str) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, list[str] | None]:
         """Score the epoch's outputs, gathered from every process (names too, in the same rank order)."""
         outputs, names = self._epoch_outputs(split), self._case_names[split]
-        self._case_names[split] = None
+        self._case_names[split] = []
         if not outputs.update_called:
             return {}, torch.empty(0), torch.empty(0), None
         logits, targets = (tensor.cpu() for tensor in outputs.compute())
         outputs.reset()
-        names = None if names is None else all_gather_objects(names)
+        names = all_gather_objects(names) if names else None
         metrics = classification_metrics(logits, targets, self.hparams.multi_label)
         metrics["loss"] = float(self.loss(logits, targets))
         for key, value in metrics.items():

@@ -1,7 +1,7 @@
 """Keep freed memory for reuse on CPU: glibc's ``malloc`` gives every block above 32 MB its own ``mmap`` and returns it
 to the system when freed, so a training step that allocates and frees the same large activations every time
-page-faults all of them again (on the paper configuration's CPU step, 6 million minor faults and a third of the
-step in system time). Serving large blocks from the heap and not trimming it keeps them mapped; the process then
+page-faults all of them again (on the paper configuration's CPU step, 6 million minor faults and a third of its
+CPU time in the kernel). Serving large blocks from the heap and not trimming it keeps them mapped; the process then
 holds its peak memory instead of returning it between steps, as PyTorch's CUDA caching allocator does.
 """
 

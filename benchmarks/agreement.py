@@ -49,7 +49,7 @@ def blob_data(n: int, dim: int, centers: int, seed: int = 0) -> torch.Tensor:
 @contextlib.contextmanager
 def _without_packed_minimum() -> Iterator[None]:
     previous = kmeans_module._PACKED_INDEX_BITS
-    kmeans_module._PACKED_INDEX_BITS = 0  # no k fits in 0 bits
+    kmeans_module._PACKED_INDEX_BITS = 0  # no k above 1 fits in 0 bits
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,6 @@ from ssl3d.finetune.encoders import (
     load_encoder_weights,
     set_trainable,
 )
-from ssl3d.finetune.optim import Optimizer
 from ssl3d.finetune.splits import SplitsDataModule
 from ssl3d.finetune.task import ClassificationTask
 
@@ -173,7 +173,7 @@ class ImageClassifier(ClassificationTask):
         class_names: one per output (linked from the data).
         multi_label: sigmoid + binary cross-entropy per class instead of softmax + cross-entropy.
         freeze_encoder: train the head only (a linear probe).
-        layer_decay, optimizer, lr, weight_decay, momentum, warmup_epochs: as for segmentation.
+        kwargs: the optimizer and schedule settings of :class:`~ssl3d.finetune.task.FinetuneTask`.
     """
 
     def __init__(
@@ -183,14 +183,9 @@ class ImageClassifier(ClassificationTask):
         class_names: list[str] | None = None,
         multi_label: bool = False,
         freeze_encoder: bool = False,
-        layer_decay: float | None = None,
-        optimizer: Optimizer = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         if not class_names or len(class_names) < (1 if multi_label else 2):
             raise ValueError(

@@ -23,7 +23,6 @@ from torchmetrics import MeanMetric
 from agreement.dist import all_gather_objects
 from ssl3d.finetune.encoders import register_timm_backbone, set_trainable
 from ssl3d.finetune.metrics import mean_over_classes, volume_metrics
-from ssl3d.finetune.optim import Optimizer
 from ssl3d.finetune.seg_data import CaseData
 from ssl3d.finetune.task import FinetuneTask
 
@@ -66,14 +65,12 @@ class SegmentationTask(FinetuneTask):
             random weights. ``scripts/finetune.py`` also accepts ``latest`` (the newest pretraining run).
         class_names: class per output channel, background first (linked from the data).
         freeze_encoder: train only the decoder and head (encoder batch-norm statistics stay fixed too).
-        layer_decay: layer-wise learning-rate decay of the encoder (e.g. 0.75); ``None`` for none.
-        optimizer, lr, weight_decay, momentum: ``adamw`` or ``sgd`` (the paper: SGD, momentum 0.9).
-        warmup_epochs: linear warm-up before the cosine decay.
         decoder_channels: FlexibleUNet decoder widths, one per encoder level.
         lambda_dice, lambda_ce: weights of MONAI's ``DiceCELoss`` terms.
         inference_batch_size: slices per forward pass when predicting whole volumes.
         prediction_dir: where test predictions are written as NIfTI (``None``: not written).
         hd95: compute the 95th-percentile Hausdorff distance at test time (slow on large volumes).
+        kwargs: the optimizer and schedule settings of :class:`~ssl3d.finetune.task.FinetuneTask`.
     """
 
     def __init__(
@@ -82,20 +79,15 @@ class SegmentationTask(FinetuneTask):
         encoder: str | None = None,
         class_names: list[str] = ["background", "grey matter", "white matter"],  # noqa: B006
         freeze_encoder: bool = False,
-        layer_decay: float | None = None,
-        optimizer: Optimizer = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
         decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
         inference_batch_size: int = 64,
         prediction_dir: str | None = None,
         hd95: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         if len(class_names) < 2:
             raise ValueError(f"class_names needs background and at least one class, got {class_names}")

@@ -17,7 +17,7 @@ from torch import nn
 from agreement.dist import all_gather_objects
 from ssl3d.finetune.encoders import encoder_param_groups
 from ssl3d.finetune.metrics import EpochOutputs, classification_metrics
-from ssl3d.finetune.optim import build_optimizer, scheduler_config, steps_per_epoch
+from ssl3d.finetune.optim import Optimizer, build_optimizer, scheduler_config, steps_per_epoch
 
 
 class FinetuneTask(pl.LightningModule):
@@ -27,9 +27,25 @@ class FinetuneTask(pl.LightningModule):
     and every other trainable parameter at the base ``lr``; the schedule is a warm-up of ``warmup_epochs`` then
     a cosine decay over the run. Subclasses give ``encoder_backbone()`` (the timm model), and may name
     ``head_parameters()`` inside it that train at the base rate, and ``frozen_modules()`` kept in eval mode
-    (no BatchNorm drift) while training. Hyperparameters used: ``optimizer``, ``lr``, ``weight_decay``,
-    ``momentum``, ``layer_decay``, ``warmup_epochs``.
+    (no BatchNorm drift) while training. Subclasses forward these settings as ``**kwargs``.
+
+    Args:
+        layer_decay: layer-wise learning-rate decay of the encoder (e.g. 0.75); ``None`` for none.
+        optimizer, lr, weight_decay, momentum: ``adamw`` or ``sgd`` (the paper: SGD, momentum 0.9).
+        warmup_epochs: linear warm-up before the cosine decay.
     """
+
+    def __init__(
+        self,
+        layer_decay: float | None = None,
+        optimizer: Optimizer = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
 
     def encoder_backbone(self) -> nn.Module:
         raise NotImplementedError
@@ -69,8 +85,8 @@ class ClassificationTask(FinetuneTask):
 
     monitor = ("val/auroc", "max")
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.val_outputs = EpochOutputs()
         self.test_outputs = EpochOutputs()
         self._case_names: dict[str, list[str]] = {"val": [], "test": []}

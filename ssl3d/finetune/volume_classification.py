@@ -28,7 +28,6 @@ from ssl3d.architecture import SliceModelConfig
 from ssl3d.data.sources import list_volumes
 from ssl3d.data.volumes import VolumeLoader, check_volumes
 from ssl3d.finetune.encoders import EncoderWeightsError, set_trainable, state_mismatches
-from ssl3d.finetune.optim import Optimizer
 from ssl3d.finetune.splits import SplitsDataModule
 from ssl3d.finetune.task import ClassificationTask
 
@@ -122,7 +121,7 @@ class VolumeClassifier(ClassificationTask):
         freeze_encoder: keep the slice encoder fixed (weights and batch-norm statistics).
         freeze_transformer: keep the slice Transformer fixed too (with ``freeze_encoder``: a linear probe).
         multi_label: sigmoid + binary cross-entropy per class instead of softmax + cross-entropy.
-        layer_decay, optimizer, lr, weight_decay, momentum, warmup_epochs: as for the other tasks
+        kwargs: the optimizer and schedule settings of :class:`~ssl3d.finetune.task.FinetuneTask`
             (``layer_decay`` scales the timm backbone's learning rates per block).
     """
 
@@ -147,14 +146,9 @@ class VolumeClassifier(ClassificationTask):
         freeze_encoder: bool = False,
         freeze_transformer: bool = False,
         multi_label: bool = False,
-        layer_decay: float | None = None,
-        optimizer: Optimizer = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         num_classes = resolve_num_classes(num_classes, class_names, multi_label)
         self.save_hyperparameters()  # after resolving: Lightning requires equal values in model and data hparams
         self.num_classes = int(num_classes)

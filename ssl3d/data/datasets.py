@@ -5,8 +5,8 @@ Every item is ``{"index": int, "view1": tensor, "view2": tensor}`` where ``index
 
 Randomness: a dataset accepts a plain index, drawing the sample's seed from torch's global generator (seeded by
 ``torch.manual_seed`` in the main process and by the DataLoader in each worker), or an ``(index, seed)`` key from
-:class:`agreement.sampling.SeededSampler`, which derives seeds from ``(seed, stream, epoch, pass, rank, position)``; then every
-crop and augmentation is fixed by the data module's seed, whatever the number of workers.
+:class:`agreement.sampling.SeededSampler`, which derives seeds from ``(seed, stream, epoch, pass, rank,
+position)``; then every crop and augmentation is fixed by the data module's seed, whatever the number of workers.
 """
 
 from __future__ import annotations

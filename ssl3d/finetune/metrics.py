@@ -97,7 +97,8 @@ def classification_metrics(
 class EpochOutputs(Metric):
     """The logits and targets of an evaluation epoch; ``compute()`` returns them concatenated over every process in
     rank order (torchmetrics' synced ``cat`` states), so AUROC is computed on the whole split, not per shard. The
-    states are not saved in checkpoints."""
+    states are not saved in checkpoints. One metric holds both, not two ``CatMetric``s: those cast the targets to
+    float and drop NaN entries by default, which would unpair logits and targets."""
 
     full_state_update = False
 

@@ -1,6 +1,6 @@
-"""Frozen-feature evaluation: weighted kNN (as in DINO) and a logistic-regression linear probe.
+"""Frozen-feature evaluation: weighted kNN (as in DINO), a logistic-regression linear probe and a k-means probe.
 
-Both take already-extracted features. In distributed runs gather them first (``gather_features`` does the
+All take already-extracted features. In distributed runs gather them first (``gather_features`` does the
 extraction and the all-gather) so that every rank evaluates against the full training set.
 """
 
@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from agreement import dist
+from agreement.kmeans import kmeans
+from agreement.metrics import ari, cluster_accuracy, contingency_matrix, nmi
 from agreement.optional import optional_import
 
 _BACKENDS = ("torch", "faiss")
@@ -253,3 +255,47 @@ def linear_probe(
     with torch.no_grad():
         pred = (test @ weight.T + bias).argmax(dim=1)
     return float((pred == y_test).float().mean())
+
+
+def kmeans_probe(
+    features: Any,
+    labels: Any,
+    num_classes: int,
+    n_init: int = 10,
+    iterations: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How well frozen features cluster into the classes without labels: spherical k-means with ``num_classes``
+    clusters, scored against ``labels``.
+
+    The usual clustering readout of a representation: Hungarian accuracy (best one-to-one map of clusters to
+    classes), NMI and ARI. Cosine k-means (scikit-learn's greedy k-means++ seeding, the best of ``n_init``
+    starts, Lloyd to convergence within ``iterations``) matches the cosine similarity of the kNN vote. Also
+    returns ``contingency``: the classes x clusters counts, clusters ordered by their majority class, as lists.
+    ``features`` are the whole set (gathered first in distributed runs).
+    """
+    _check_num_classes(num_classes)
+    points = _features(features, "features").detach()
+    targets = _labels(labels, "labels", points.shape[0], num_classes).cpu()
+    if points.shape[0] < num_classes:
+        raise ValueError(
+            f"kmeans_probe needs at least num_classes={num_classes} points, got {points.shape[0]}"
+        )
+    _, clusters = kmeans(
+        points,
+        num_classes,
+        iterations=iterations,
+        init="greedy-k-means++",
+        n_init=n_init,
+        seed=seed,
+        tol=1e-4,
+    )
+    clusters = clusters.cpu()
+    table = contingency_matrix(targets, clusters)
+    order = np.argsort(table.argmax(axis=0), kind="stable")
+    return {
+        "accuracy": cluster_accuracy(targets, clusters),
+        "nmi": nmi(targets, clusters),
+        "ari": ari(targets, clusters),
+        "contingency": table[:, order].tolist(),
+    }

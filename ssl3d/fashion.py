@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from agreement.callbacks import KNNProbeCallback
-from agreement.knn import knn_accuracy, linear_probe
+from agreement.knn import kmeans_probe, knn_accuracy, linear_probe
+from agreement.metrics import ari, cluster_usage, nmi, purity
 from agreement.sampling import SeededSampler
 from agreement.tables import markdown_table
 from ssl3d.data.datasets import _split_key
@@ -373,6 +375,36 @@ class CheckConfig:
         )
 
 
+class PrototypePath(nn.Module):
+    """The 2D branch of a ``JointSSL`` from images to the first prototype head's scores: encoder, projection,
+    L2 normalisation, prototypes (the model's own modules; ``copy.deepcopy`` it for a separate copy)."""
+
+    def __init__(self, model: JointSSL) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        self.projection = model.projection_2d
+        self.prototypes = model.clustering_2d.prototypes
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.prototypes.num_prototypes[0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.prototypes(nn.functional.normalize(self.projection(self.encoder(images))))[0]
+
+
+@torch.no_grad()
+def prototype_assignments(path: PrototypePath, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Hard assignment of each image to its best-scoring prototype, in eval mode."""
+    was_training = path.training
+    path.eval()
+    assigned = torch.cat(
+        [path(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
+    )
+    path.train(was_training)
+    return assigned
+
+
 class TrainingLog(pl.Callback):
     """Per step ``L_intra``; per epoch the normalised entropy of the k-means / Sinkhorn cluster usage."""
 
@@ -384,25 +416,9 @@ class TrainingLog(pl.Callback):
         self.loss.append(float(outputs["loss"]))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.usage.append(cluster_usage(pl_module, trainer.datamodule.dataset.images))
-
-
-@torch.no_grad()
-def cluster_usage(model: JointSSL, images: torch.Tensor, batch_size: int = 512) -> float:
-    """Normalised entropy of the first head's hard assignments of ``images`` (1 = all clusters used equally)."""
-    was_training = model.training
-    model.eval()
-    head = model.clustering_2d.prototypes
-    counts = torch.zeros(head.num_prototypes[0])
-    for start in range(0, len(images), batch_size):
-        z = torch.nn.functional.normalize(
-            model.projection_2d(model.embed_slices(images[start : start + batch_size]))
-        )
-        counts += torch.bincount(head(z)[0].argmax(1), minlength=len(counts)).float()
-    model.train(was_training)
-    share = counts / counts.sum()
-    entropy = -(share[share > 0] * share[share > 0].log()).sum()
-    return float(entropy / math.log(len(counts)))
+        path = PrototypePath(pl_module)
+        assigned = prototype_assignments(path, trainer.datamodule.dataset.images)
+        self.usage.append(cluster_usage(assigned, path.num_prototypes)["entropy"])
 
 
 @torch.no_grad()
@@ -414,16 +430,63 @@ def pooled_features(encoder: SliceEncoder, images: torch.Tensor, batch_size: int
     )
 
 
-def probe_accuracies(encoder: SliceEncoder, data: dict[str, torch.Tensor], k: int) -> tuple[float, float]:
-    """kNN and linear-probe accuracy of ``encoder`` (a copy, BatchNorm statistics re-estimated on the unlabelled
-    train images): the weighted kNN vote, and a multinomial logistic regression (L-BFGS, 100 iterations) on the
-    same standardised frozen features."""
-    encoder = copy.deepcopy(encoder).cpu()
-    recalibrate_batchnorm(encoder.backbone, data["recalibrate"])
-    train = pooled_features(encoder, data["train_images"])
-    test = pooled_features(encoder, data["test_images"])
-    labelled = (train, data["train_labels"], test, data["test_labels"], data["num_classes"])
-    return knn_accuracy(*labelled, k=k), linear_probe(*labelled)
+def probe_branch(path: PrototypePath, data: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
+    """Every readout of a 2D branch, on a copy whose BatchNorm statistics are re-estimated on the
+    unlabelled train images (``data["recalibrate"]``):
+
+    - ``knn`` and ``linear``: the weighted kNN vote and a multinomial logistic regression (L-BFGS, 100
+      iterations) on the standardised frozen pooled features;
+    - ``kmeans``: ``agreement.knn.kmeans_probe`` of the test images' pooled features (as many clusters as
+      classes: Hungarian accuracy, NMI, ARI);
+    - ``prototypes``: the first prototype head's assignments of the test images (hundreds of prototypes for a
+      few classes, so NMI, purity and ARI rather than a one-to-one accuracy) and their usage (normalised entropy).
+    """
+    path = copy.deepcopy(path).cpu()
+    recalibrate_batchnorm(path, data["recalibrate"])
+    train = pooled_features(path.encoder, data["train_images"])
+    test = pooled_features(path.encoder, data["test_images"])
+    labels, classes = data["test_labels"], data["num_classes"]
+    labelled = (train, data["train_labels"], test, labels, classes)
+    assigned = prototype_assignments(path, data["test_images"])
+    return {
+        "knn": knn_accuracy(*labelled, k=k),
+        "linear": linear_probe(*labelled),
+        "kmeans": kmeans_probe(test, labels, classes),
+        "prototypes": {
+            "nmi": nmi(labels, assigned),
+            "purity": purity(labels, assigned),
+            "ari": ari(labels, assigned),
+            "usage": cluster_usage(assigned, path.num_prototypes)["entropy"],
+        },
+    }
+
+
+CLUSTERING_SCORES = (
+    ("k-means accuracy", "kmeans_accuracy"),
+    ("k-means NMI", "kmeans_nmi"),
+    ("k-means ARI", "kmeans_ari"),
+    ("prototype NMI", "prototype_nmi"),
+    ("prototype purity", "prototype_purity"),
+    ("prototype ARI", "prototype_ari"),
+)
+
+
+def clustering_scores(readout: dict[str, Any]) -> dict[str, float]:
+    """The clustering readouts of :func:`probe_branch` as one flat mapping (the keys of ``CLUSTERING_SCORES``)."""
+    kmeans, prototypes = readout["kmeans"], readout["prototypes"]
+    return {
+        "kmeans_accuracy": kmeans["accuracy"],
+        "kmeans_nmi": kmeans["nmi"],
+        "kmeans_ari": kmeans["ari"],
+        "prototype_nmi": prototypes["nmi"],
+        "prototype_purity": prototypes["purity"],
+        "prototype_ari": prototypes["ari"],
+        "prototype_usage": prototypes["usage"],
+    }
+
+
+def _scores_text(scores: dict[str, float]) -> str:
+    return ", ".join(f"{title} {scores[key]:.3f}" for title, key in CLUSTERING_SCORES)
 
 
 def online_knn_monitor(data: dict[str, torch.Tensor], k: int, batch_size: int = 512) -> KNNProbeCallback:
@@ -450,12 +513,12 @@ def pretrain_2d(
     config: CheckConfig,
     run_dir: Path | None = None,
     monitor: KNNProbeCallback | None = None,
-) -> tuple[JointSSL, dict[str, SliceEncoder | TrainingLog]]:
+) -> tuple[JointSSL, dict[str, PrototypePath | TrainingLog]]:
     """Train ``JointSSL``'s 2D branch on ``images`` from seed ``seed`` (with an optional online kNN
-    ``monitor``); returns the model, its initial encoder and the training log."""
+    ``monitor``); returns the model, a copy of its initial 2D branch and the training log."""
     pl.seed_everything(seed, verbose=False)
     model = JointSSL(**config.model_kwargs(clustering, seed))
-    initial = copy.deepcopy(model.encoder)
+    initial = copy.deepcopy(PrototypePath(model))
     log = TrainingLog()
     trainer = pl.Trainer(
         max_epochs=config.epochs,
@@ -563,16 +626,17 @@ def run_check(
     random_ids = list(seeds)
     while len(random_ids) < random_seeds:
         random_ids.append(next(s for s in range(len(random_ids) + max(seeds) + 1) if s not in random_ids))
-    random_acc, random_linear = {}, {}
+    random_acc, random_linear, random_clustering, random_contingency = {}, {}, {}, {}
     for seed in random_ids:
         pl.seed_everything(seed, verbose=False)
-        encoder = JointSSL(
-            **config.model_kwargs("swav", seed)
-        ).encoder  # the same draws as pretrain_2d's model
-        random_acc[seed], random_linear[seed] = probe_accuracies(encoder, data, config.k)
+        model = JointSSL(**config.model_kwargs("swav", seed))  # the same draws as pretrain_2d's model
+        readout = probe_branch(PrototypePath(model), data, config.k)
+        random_acc[seed], random_linear[seed] = readout["knn"], readout["linear"]
+        random_clustering[seed] = clustering_scores(readout)
+        random_contingency[seed] = readout["kmeans"]["contingency"]
         say(
             f"random initialisation, seed {seed}: kNN accuracy {random_acc[seed]:.4f}, "
-            f"linear probe {random_linear[seed]:.4f}"
+            f"linear probe {random_linear[seed]:.4f}; " + _scores_text(random_clustering[seed])
         )
     random_mean, random_std = _mean_std(list(random_acc.values()))
     linear_mean, linear_std = _mean_std(list(random_linear.values()))
@@ -584,16 +648,20 @@ def run_check(
             monitor = online_knn_monitor(data, config.k)
             model, extra = pretrain_2d(pretrain, method, seed, config, monitor=monitor)
             log: TrainingLog = extra["log"]
-            accuracy, linear = probe_accuracies(model.encoder, data, config.k)
-            initial_acc, initial_linear = probe_accuracies(extra["initial"], data, config.k)
+            readout = probe_branch(PrototypePath(model), data, config.k)
+            initial = probe_branch(extra["initial"], data, config.k)
+            accuracy, initial_acc = readout["knn"], initial["knn"]
             runs.append(
                 {
                     "seed": seed,
                     "accuracy": accuracy,
                     "own_initialisation": initial_acc,
                     "paired_gain": accuracy - initial_acc,
-                    "linear_accuracy": linear,
-                    "own_initialisation_linear": initial_linear,
+                    "linear_accuracy": readout["linear"],
+                    "own_initialisation_linear": initial["linear"],
+                    "clustering": clustering_scores(readout),
+                    "own_initialisation_clustering": clustering_scores(initial),
+                    "kmeans_contingency": readout["kmeans"]["contingency"],
                     "loss_intra": log.loss,
                     "cluster_usage": log.usage,
                     "online_knn_by_epoch": [accuracy for _, accuracy in monitor.history],
@@ -602,10 +670,12 @@ def run_check(
             )
             say(
                 f"{method} seed {seed}: kNN accuracy {accuracy:.4f} (own initialisation {initial_acc:.4f}), "
-                f"linear probe {linear:.4f} (own initialisation {initial_linear:.4f}); "
+                f"linear probe {readout['linear']:.4f} (own initialisation {initial['linear']:.4f}); "
                 f"L_intra {log.loss[0]:.3f} -> {log.loss[-1]:.3f} (log K = {math.log(config.prototypes):.3f}); "
                 f"cluster usage {log.usage[-1]:.3f}; online kNN by epoch "
                 + ", ".join(f"{a:.3f}" for a in runs[-1]["online_knn_by_epoch"])
+                + "; "
+                + _scores_text(runs[-1]["clustering"])
             )
         mean, std = _mean_std([r["accuracy"] for r in runs])
         gain = mean - random_mean
@@ -631,8 +701,11 @@ def run_check(
             "linear_by_seed": random_linear,
             "linear_mean": linear_mean,
             "linear_std": linear_std,
+            "clustering_by_seed": random_clustering,
+            "kmeans_contingency_by_seed": random_contingency,
         },
         "methods": methods,
+        "classes": list(classes),
         "log_k": math.log(config.prototypes),
         "seconds": time.perf_counter() - start,
     }
@@ -684,6 +757,32 @@ def report_table(result: dict[str, Any]) -> str:
     return markdown_table(columns, rows)
 
 
+def clustering_table(result: dict[str, Any]) -> str:
+    """Markdown table of the clustering readouts: mean ± std over seeds, and each method's paired difference
+    from its own initialisation."""
+
+    def cells(by_run: list[dict[str, float]]) -> list[str]:
+        return [
+            "{:.4f} ± {:.4f}".format(*_mean_std([scores[key] for scores in by_run]))
+            for _, key in CLUSTERING_SCORES
+        ]
+
+    random_runs = list(result["random"]["clustering_by_seed"].values())
+    rows = [[f"random initialisation ({len(random_runs)} seeds)", *cells(random_runs)]]
+    for method, m in result["methods"].items():
+        runs = m["runs"]
+        rows.append([f"{method} ({len(runs)} seeds)", *cells([r["clustering"] for r in runs])])
+        paired = [
+            {
+                key: r["clustering"][key] - r["own_initialisation_clustering"][key]
+                for _, key in CLUSTERING_SCORES
+            }
+            for r in runs
+        ]
+        rows.append([f"{method} − own initialisation (paired)", *cells(paired)])
+    return markdown_table(["encoder", *(title for title, _ in CLUSTERING_SCORES)], rows)
+
+
 def _linear(row: dict[str, Any]) -> str:
     return f"{row['linear_mean']:.4f} ± {row['linear_std']:.4f}" if "linear_mean" in row else ""
 
@@ -709,13 +808,31 @@ def write_report(result: dict[str, Any], out_dir: Path) -> None:
             for method, m in result["methods"].items()
             for run in m["runs"]
         )
+        + "\nClustering readouts of the test images: spherical k-means of the frozen pooled features into as many "
+        "clusters as classes (10 starts), and the first prototype head's assignments "
+        f"({result['config']['prototypes']} prototypes), BatchNorm statistics re-estimated as for kNN:\n\n"
+        + clustering_table(result)
+        + "\n"
     )
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_ax, curve_ax, acc_ax) = plt.subplots(1, 3, figsize=(16, 4))
+    figure, axes = plt.subplots(2, 3, figsize=(16, 9.5), gridspec_kw={"height_ratios": [1, 1.3]})
+    loss_ax, curve_ax, acc_ax = axes[0]
+    tables = [("random initialisation", *next(iter(result["random"]["kmeans_contingency_by_seed"].items())))]
+    tables += [
+        (method, m["runs"][0]["seed"], m["runs"][0]["kmeans_contingency"])
+        for method, m in result["methods"].items()
+    ]
+    for ax, (name, seed, table) in zip(axes[1], tables):
+        ax.imshow(np.asarray(table), cmap="Blues")
+        ax.set(title=f"{name}, seed {seed}: k-means clusters", xlabel="cluster (ordered by majority class)")
+        if len(table) == len(result["classes"]):  # a class missing from the test images has no row
+            ax.set_yticks(range(len(table)), result["classes"], fontsize=7)
+    for ax in axes[1][len(tables) :]:
+        ax.axis("off")
     for method, m in result["methods"].items():
         for run in m["runs"]:
             loss_ax.plot(run["loss_intra"], label=f"{method} seed {run['seed']}", lw=0.8)

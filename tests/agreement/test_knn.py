@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from agreement import dist
-from agreement.knn import gather_features, knn_accuracy, linear_probe, weighted_knn_predict
+from agreement.knn import gather_features, kmeans_probe, knn_accuracy, linear_probe, weighted_knn_predict
 from tests.helpers.distributed import run_distributed
 
 
@@ -205,3 +205,62 @@ def test_knn_accuracy_and_probe_validation():
         linear_probe(train, labels, query, torch.tensor([0, 1, 0]), num_classes=2, weight_decay=-1.0)
     with pytest.raises(ValueError, match="optimizer must be"):
         linear_probe(train, labels, query, torch.tensor([0, 1, 0]), num_classes=2, optimizer="sgd")
+
+
+def directions_with_spread_norms(n_per_class: int = 60, dim: int = 8, seed: int = 0):
+    """Three classes 20 degrees apart in direction; every class spans norms from 0.2 to 5."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, 4)))[0].T
+    directions = np.cos(np.radians(20)) * basis[0] + np.sin(np.radians(20)) * basis[1:]
+    labels = np.repeat(np.arange(3), n_per_class)
+    norms = rng.uniform(0.2, 5.0, size=len(labels))[:, None]
+    points = (directions[labels] + 0.03 * rng.normal(size=(len(labels), dim))) * norms
+    return torch.tensor(points, dtype=torch.float32), torch.tensor(labels)
+
+
+def test_kmeans_probe_clusters_by_direction_as_the_knn_vote_does():
+    features, labels = directions_with_spread_norms()
+    result = kmeans_probe(features, labels, num_classes=3)
+    assert result["accuracy"] == 1.0 and result["nmi"] == pytest.approx(1.0) and result["ari"] == 1.0
+    assert result["contingency"] == [[60, 0, 0], [0, 60, 0], [0, 0, 60]]  # columns in majority-class order
+    # Euclidean k-means splits the same points by norm: the probe's cosine geometry is what separates them.
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    euclidean = sklearn_cluster.KMeans(3, n_init=10, random_state=0).fit_predict(features.numpy())
+    table = np.bincount(euclidean * 3 + labels.numpy(), minlength=9).reshape(3, 3)
+    assert table.max(axis=1).sum() / len(labels) < 0.7
+
+
+def test_kmeans_probe_scores_match_sklearn_and_ignore_class_ids():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    labels = torch.tensor(rng.integers(0, 4, 400))
+    features = (
+        torch.tensor(rng.normal(size=(400, 6)), dtype=torch.float32)
+        + 0.8 * torch.nn.functional.one_hot(labels, 6).float()
+    )
+    result = kmeans_probe(features, labels, num_classes=4, seed=3)
+    renamed = kmeans_probe(features, (labels + 1) % 4, num_classes=4, seed=3)
+    assert {k: renamed[k] for k in ("accuracy", "nmi", "ari")} == {
+        k: result[k] for k in ("accuracy", "nmi", "ari")
+    }
+    table = np.asarray(result["contingency"])
+    assert table.sum() == 400 and table.shape == (4, 4)
+    assert table.max(axis=0).sum() / 400 >= result["accuracy"]  # purity bounds the one-to-one accuracy
+    clusters = np.argmax(table, axis=0)  # majority class of each column, in order
+    assert list(clusters) == sorted(clusters)
+    # Against scikit-learn's metrics on the same partition, rebuilt from the table.
+    true = np.repeat(np.repeat(np.arange(4), 4), table.ravel())
+    pred = np.repeat(np.tile(np.arange(4), 4), table.ravel())
+    assert result["nmi"] == pytest.approx(metrics.normalized_mutual_info_score(true, pred), abs=1e-12)
+    assert result["ari"] == pytest.approx(metrics.adjusted_rand_score(true, pred), abs=1e-12)
+    assert 0.25 < result["accuracy"] < 1.0
+
+
+def test_kmeans_probe_rejects_bad_inputs():
+    features, labels = directions_with_spread_norms(n_per_class=2)
+    with pytest.raises(ValueError, match="labels has 5 entries but the features have 6 rows"):
+        kmeans_probe(features, labels[:5], num_classes=3)
+    with pytest.raises(ValueError, match="needs at least num_classes=10 points, got 6"):
+        kmeans_probe(features, labels, num_classes=10)
+    with pytest.raises(ValueError, match="features contains NaN"):
+        kmeans_probe(features * float("nan"), labels, num_classes=3)

@@ -1,5 +1,6 @@
 """The Fashion-MNIST check of the 2D branch: data reading, batched views and the evaluation command."""
 
+import copy
 import gzip
 
 import numpy as np
@@ -7,19 +8,24 @@ import pytest
 import torch
 from PIL import Image
 
+from agreement.knn import knn_accuracy
 from ssl3d.evaluate import main as evaluate_main
 from ssl3d.fashion import (
     FASHION_MNIST_DIR,
     BatchViews,
     CheckConfig,
     DatasetNotFoundError,
+    PrototypePath,
     check_subsets,
     class_balanced_subset,
     load_fashion_mnist,
+    pooled_features,
+    probe_branch,
     read_idx,
     run_check,
 )
 from ssl3d.module import JointSSL
+from ssl3d.probe import recalibrate_batchnorm
 
 
 def write_idx(path, array: np.ndarray, compress: bool) -> None:
@@ -159,6 +165,19 @@ def test_tiny_check_runs_end_to_end_with_a_queue(tmp_path):
     assert result["config"]["split"] == "tuning" and result["config"]["swav_queue_length"] == 40
     assert "split: tuning" in (tmp_path / "out" / "fashion_check.md").read_text()
     assert (tmp_path / "out" / "fashion_check.png").is_file()
+    clustering = run["clustering"]
+    assert set(clustering) == {
+        "kmeans_accuracy",
+        "kmeans_nmi",
+        "kmeans_ari",
+        "prototype_nmi",
+        "prototype_purity",
+        "prototype_ari",
+        "prototype_usage",
+    }
+    assert all(-1 <= value <= 1 for value in clustering.values())
+    assert np.asarray(run["kmeans_contingency"]).sum() == 50  # every test image once
+    assert "| swav − own initialisation (paired) |" in (tmp_path / "out" / "fashion_check.md").read_text()
 
 
 def test_tiny_check_runs_deepcluster_with_small_crops(tmp_path):
@@ -231,3 +250,55 @@ def test_evaluate_rejects_impossible_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["fashion", "--small_crop_scale", "0.5", "0.1", "--out_dir", str(tmp_path / "out")])
     assert "--small_crop_scale must be LOW HIGH" in capsys.readouterr().err
+
+
+def tiny_model(seed: int = 0) -> JointSSL:
+    torch.manual_seed(seed)
+    kwargs = CheckConfig(**TINY_CHECK).model_kwargs("swav", seed)
+    return JointSSL(**kwargs)
+
+
+def test_prototype_path_scores_are_the_training_scores():
+    model = tiny_model().eval()
+    images = torch.rand(6, 1, 16, 16)
+    z = torch.nn.functional.normalize(model.projection_2d(model.embed_slices(images)))
+    torch.testing.assert_close(PrototypePath(model)(images), model.clustering_2d.prototypes(z)[0])
+
+
+def test_probe_branch_leaves_the_model_alone_and_keeps_the_knn_protocol():
+    """Re-estimating BatchNorm through the whole branch gives the backbone the same statistics as re-estimating
+    the backbone alone (the protocol of the README's kNN figures)."""
+    model = tiny_model()
+    torch.manual_seed(1)
+    labels = torch.arange(60) % 10
+    images = torch.rand(60, 1, 16, 16) * 0.5 + labels.view(-1, 1, 1, 1) / 20
+    data = {
+        "recalibrate": torch.rand(40, 1, 16, 16),
+        "train_images": images[:40],
+        "train_labels": labels[:40],
+        "test_images": images[40:],
+        "test_labels": labels[40:],
+        "num_classes": 10,
+    }
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    readout = probe_branch(PrototypePath(model), data, k=5)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+    encoder = recalibrate_batchnorm(copy.deepcopy(model.encoder).backbone, data["recalibrate"])
+    reference = copy.deepcopy(model.encoder)
+    reference.backbone = encoder
+    expected = knn_accuracy(
+        pooled_features(reference, data["train_images"]),
+        data["train_labels"],
+        pooled_features(reference, data["test_images"]),
+        data["test_labels"],
+        10,
+        k=5,
+    )
+    assert readout["knn"] == expected
+    assert readout["prototypes"]["usage"] <= 1 and set(readout["kmeans"]) == {
+        "accuracy",
+        "nmi",
+        "ari",
+        "contingency",
+    }

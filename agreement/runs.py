@@ -805,9 +805,27 @@ class RunLogger(CSVLogger):
         return self._experiment
 
 
-def default_run_dir(kind: str, prefix: str = "") -> Path:
-    """``runs/<kind>/<prefix><date-time>``: where a run goes when no folder is given."""
+def run_folder(given: str | Path | None, kind: str, prefix: str = "") -> Path:
+    """The run folder: ``given`` when there is one, else ``runs/<kind>/<prefix><date-time>``."""
+    if given:
+        return Path(given)
     return Path("runs") / kind / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def save_config(parser: Any, config: Any, folder: Path) -> Path:
+    """``<folder>/config.yaml`` (folder made here): the resolved configuration of a jsonargparse CLI that is not a
+    ``RunCLI`` (those save theirs through Lightning), the file a run is repeated from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    parser.save(config, path, overwrite=True, skip_check=True)
+    return path
+
+
+def write_summary(folder: Path, summary: Mapping[str, Any]) -> Path:
+    """``<folder>/summary.json``: what a finished run reports (values JSON cannot hold are written as text)."""
+    path = folder / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    return path
 
 
 class RunCLI(LightningCLI):

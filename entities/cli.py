@@ -9,7 +9,6 @@ python scripts/discover_entities.py --print_config                   # every opt
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections import Counter
@@ -21,7 +20,7 @@ import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from agreement.inputs import report_root_cause
-from agreement.runs import default_run_dir
+from agreement.runs import run_folder, save_config, write_summary
 from entities.metrics import evaluate, evaluate_expected, per_class_table, stage_table
 from entities.names import UNKNOWN, Gazetteer
 from entities.outputs import summary_counts, write_gallery, write_metrics, write_names
@@ -63,13 +62,20 @@ def infer_cast(weak_names: list[list[str]], num_cast: int) -> list[str]:
     return [name for name, _ in counts.most_common(num_cast)]
 
 
-def check_cast(cast: list[str] | None) -> None:
-    """An explicit cast list must name somebody; ``None`` (not given) means the most frequent weak names."""
+def check_arguments(
+    records: str | None, video: str | None, subtitles: str | None, cast: list[str] | None
+) -> None:
+    """The checks that need no file: one input, a video's subtitles, and an explicit cast list that names
+    somebody (``None``, not given, means the most frequent weak names)."""
     if cast is not None and not any(str(name).strip() for name in cast):
         raise ValueError(
             "--names.cast is empty: give the main people (--names.cast '[Ross, Rachel]'), or leave the option "
             "out to use the most frequent weak names"
         )
+    if records and video:
+        raise ValueError("give either --records or --video, not both")
+    if video and not subtitles:
+        raise ValueError("--video needs --subtitles (an SRT or WebVTT file)")
 
 
 def label_only_metrics(records: FaceRecords, gazetteer: Gazetteer) -> dict[str, dict[str, Any]]:
@@ -205,12 +211,8 @@ def run(
         run_dir: output folder (default ``runs/entities/<timestamp>``).
         seed: seeds k-means, the stage-1 draw and the linear heads.
     """
-    check_cast(names.cast)
-    if records and video:
-        raise ValueError("give either --records or --video, not both")
-    if video and not subtitles:
-        raise ValueError("--video needs --subtitles (an SRT or WebVTT file)")
-    out = Path(run_dir) if run_dir else default_run_dir("entities")
+    check_arguments(records, video, subtitles, names.cast)
+    out = run_folder(run_dir, "entities")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     loaded = load_input(records, video, subtitles, names, video_options, episode, out)
@@ -226,9 +228,7 @@ def run(
     summary = write_outputs(loaded, result, metrics, out)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["run_dir"] = str(out)
-    (out / "summary.json").write_text(
-        json.dumps({k: v for k, v in summary.items() if k != "stage_table"}, indent=1)
-    )
+    write_summary(out, {k: v for k, v in summary.items() if k != "stage_table"})
     print_summary(summary, metrics, loaded.gazetteer.classes)
     return summary
 
@@ -264,12 +264,11 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     config = parser.parse_args(args)
     init = parser.instantiate_classes(config)
     kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__default_config__")}
-    check_cast(kwargs["names"].cast)  # before the run folder is written
-    out = Path(kwargs["run_dir"]) if kwargs.get("run_dir") else default_run_dir("entities")
-    kwargs["run_dir"] = str(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config.run_dir = str(out)
-    parser.save(config, out / "config.yaml", overwrite=True, skip_check=True)
+    # Before the run folder is written:
+    check_arguments(kwargs["records"], kwargs["video"], kwargs["subtitles"], kwargs["names"].cast)
+    out = run_folder(kwargs["run_dir"], "entities")
+    kwargs["run_dir"] = config.run_dir = str(out)
+    save_config(parser, config, out)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         return run(**kwargs)

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 
 import prompts.module  # noqa: F401  (registers the module classes for --model)
 from agreement.inputs import report_root_cause
-from agreement.runs import RunCLI
+from agreement.runs import RunCLI, save_config
 from prompts.data import FewShotDataModule
 from prompts.module import PromptCLIPModule
 from prompts.protocol import pair_config, run_protocol
@@ -91,5 +91,5 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     return run_protocol(
         cli.config,
         cli.build,
-        lambda path: cli.parser.save(cli.config, path, overwrite=True, skip_check=True),
+        lambda folder: save_config(cli.parser, cli.config, folder),
     )

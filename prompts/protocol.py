@@ -27,12 +27,12 @@ from agreement.runs import (
     RunCLI,
     check_budget,
     check_resume_config,
-    default_run_dir,
     fit_run,
     flatten_config,
     last_checkpoint,
     mark_finished,
     mark_unfinished,
+    run_folder,
 )
 from agreement.tables import markdown_table
 from prompts.checkpoint import save_prompts
@@ -201,7 +201,7 @@ def run_pair(
 
 def run_protocol(config, build: Build, save_config: Callable[[Path], None]) -> dict[str, Any]:
     """Check the inputs and the plan, then train and evaluate every pair and write the results; ``save_config``
-    writes the resolved configuration to the path it is given."""
+    writes the resolved configuration into the run folder it is given."""
     check_protocol_inputs(config)  # before the run folder exists: bad input leaves nothing behind
     configured = config.get("run_dir")
     ckpt_path = config.get("ckpt_path")
@@ -210,7 +210,7 @@ def run_protocol(config, build: Build, save_config: Callable[[Path], None]) -> d
     if configured is None and ckpt_path is not None and Path(ckpt_path).parent.name == CHECKPOINT_DIR:
         # <run>/shots<K>_seed<S>/checkpoints/<file>: continue that run
         configured = str(Path(ckpt_path).parents[2])
-    run_dir = Path(configured) if configured else default_run_dir("fewshot")
+    run_dir = run_folder(configured, "fewshot")
     planned = plan(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main_process():
@@ -218,7 +218,7 @@ def run_protocol(config, build: Build, save_config: Callable[[Path], None]) -> d
             run_dir,
             f"python scripts/fewshot_eval.py --config {run_dir / 'config.yaml'} --ckpt_path last",
         )
-        save_config(run_dir / "config.yaml")
+        save_config(run_dir)
     protocol = config.protocol
     rows: list[dict[str, Any]] = []
     start = time.time()

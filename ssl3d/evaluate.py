@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from agreement.allocator import retain_freed_memory
-from agreement.runs import UNFINISHED, default_run_dir, last_checkpoint
+from agreement.runs import UNFINISHED, last_checkpoint, run_folder
 from ssl3d.fashion import CheckConfig, DatasetNotFoundError, report_table, run_check
 
 
@@ -57,7 +57,7 @@ def _fashion(args: argparse.Namespace) -> dict[str, Any]:
             f"--swav_queue_length {config.swav_queue_length} must be 0 (no queue) or at least --batch_size "
             f"{config.batch_size}"
         )
-    out_dir = Path(args.out_dir or default_run_dir("evaluate", "fashion-"))
+    out_dir = run_folder(args.out_dir, "evaluate", "fashion-")
     result = run_check(config, args.seeds, args.random_seeds, args.data_dir, out_dir)
     print(f"\nFashion-MNIST check ({result['seconds'] / 60:.1f} min); report in {out_dir}/fashion_check.md")
     print(report_table(result))
@@ -121,7 +121,7 @@ def _cross_subject(args: argparse.Namespace) -> dict[str, Any]:
     result = compare_runs([run for run, _ in loaded], args.random_seeds, data, volume=args.volume)
     result["table"] = format_run_rows(result["rows"])
     result["verdict"] = run_verdict(result["rows"])
-    out_dir = Path(args.out_dir or default_run_dir("evaluate", "cross-subject-"))
+    out_dir = run_folder(args.out_dir, "evaluate", "cross-subject-")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = ", ".join(f"{run['name']} (seed {run['seed']})" for run in result["runs"])
     (out_dir / "cross_subject.md").write_text(

@@ -27,12 +27,13 @@ from agreement.runs import (
     RunCLI,
     check_budget,
     check_resume_config,
-    default_run_dir,
     fit_run,
     flatten_config,
     mark_finished,
     refuse_to_overwrite,
     resolve_checkpoint,
+    run_folder,
+    write_summary,
 )
 from agreement.tables import markdown_table
 from ssl3d.data.datamodule import JointSSLDataModule
@@ -88,7 +89,7 @@ class PretrainCLI(RunCLI):
         check_budget(config["trainer"], "pretraining", epochs_required=True)
         self.check_run_arguments(config)
         checkpoint, run_dir = resolve_checkpoint(config.get("ckpt_path"), config.get("run_dir"))
-        run_dir = run_dir or default_run_dir("pretrain")
+        run_dir = run_folder(run_dir, "pretrain")
         config["run_dir"] = str(run_dir)
         self.checkpoint: Path | None = checkpoint
         self.resume_step: int | None = None
@@ -257,7 +258,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         summary["probe_raw_intensities"] = probe["raw intensities"]["accuracy"]
         (run_dir / "probe.json").write_text(json.dumps(probe, indent=2))
     print_summary(summary)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(run_dir, summary)
     mark_finished(run_dir)
     return summary
 

@@ -321,8 +321,8 @@ def evaluate_cases() -> dict[str, Callable[[Path], Case]]:
 
 
 # ------------------------------------------------------------------------------------------------ discover_entities
-def entities_case(tmp_path, args, code, message):
-    return Case(entities_main, [*args, f"--run_dir={tmp_path / 'run'}"], code, message)
+def entities_case(tmp_path, args, code, message, nothing_written=False):
+    return Case(entities_main, [*args, f"--run_dir={tmp_path / 'run'}"], code, message, nothing_written)
 
 
 NO_FRAME = json.dumps([{"names": []}]).encode()
@@ -349,7 +349,10 @@ def entities_cases() -> dict[str, Callable[[Path], Case]]:
             r"faces\.json: face 0 has no 'frame' field",
         ),
         "video and records together": lambda t: entities_case(
-            t, [f"--records={t / 'a.json'}", f"--video={t / 'a.avi'}"], 1, r"either --records or --video"
+            t, [f"--records={t / 'a.json'}", f"--video={t / 'a.avi'}"], 1, r"either --records or --video", True
+        ),
+        "video without subtitles": lambda t: entities_case(
+            t, [f"--video={t / 'a.avi'}", "--names.cast=[Ann]"], 1, r"--video needs --subtitles", True
         ),
         "subtitles without lines": lambda t: entities_case(
             t, [f"--video={t / 'a.avi'}", f"--subtitles={subtitles(t, '')}", "--names.cast=[Ann]"], 1,

@@ -35,12 +35,13 @@ from agreement.runs import (
     check_budget,
     check_resume_config,
     checkpoint_info,
-    default_run_dir,
     fit_run,
     flatten_config,
     is_unfinished,
     last_checkpoint,
     mark_finished,
+    run_folder,
+    write_summary,
 )
 from agreement.tables import markdown_table
 
@@ -129,7 +130,7 @@ class FinetuneCLI(RunCLI):
                 config["run_dir"] = str(file.parents[2])  # <run>/<initialisation>/checkpoints/<file>
         if ckpt_path == "last" and config["run_dir"] is None:
             raise ValueError("--ckpt_path last resumes the run in --run_dir: give --run_dir <run folder>")
-        parent = Path(config["run_dir"]) if config["run_dir"] else default_run_dir("finetune")
+        parent = run_folder(config["run_dir"], "finetune")
         config["run_dir"] = str(parent)
         variant = config["variant"] or ("pretrained" if model_args.get("encoder") else "random")
         # main() runs the random-weights comparison with --variant after the first one has written its folder.
@@ -253,7 +254,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         variants.insert(0, run_variant(random_cli))
     summary = {"run_dir": str(run_dir), "variants": variants}
     if cli.trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_summary(run_dir, summary)
         print_summary(summary)
         mark_finished(run_dir)
     return summary

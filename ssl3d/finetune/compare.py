@@ -48,7 +48,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from agreement.runs import default_run_dir
+from agreement.runs import run_folder
 from agreement.tables import markdown_table
 from ssl3d.probe import recalibrate_batchnorm
 from ssl3d.report import save_figure
@@ -743,8 +743,7 @@ def mean_curves(result: dict[str, Any]) -> dict[tuple[str, str], list[tuple[int,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison of ``args`` (see :func:`add_arguments`), write the report, return the summary."""
-    if args.out_dir is None:
-        args.out_dir = str(default_run_dir("evaluate", "finetune-"))
+    args.out_dir = str(run_folder(args.out_dir, "evaluate", "finetune-"))
     result = run_comparison(args)
     if result["arms"] != list(ARMS):
         print(f"Ran only {result['arms']}; rerun with both arms and --resume for the report.")

@@ -1,8 +1,11 @@
+import json
 import warnings
+from pathlib import Path
 
 import pytest
+from jsonargparse import ArgumentParser
 
-from agreement.runs import RunLogger
+from agreement.runs import RunLogger, run_folder, save_config, write_summary
 
 
 def test_a_new_run_logs_into_its_folder_without_a_false_warning(tmp_path):
@@ -15,3 +18,29 @@ def test_a_new_run_logs_into_its_folder_without_a_false_warning(tmp_path):
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",") == ["loss", "step"]
     with pytest.warns(UserWarning, match="metrics.csv exists and will be replaced"):
         RunLogger(tmp_path).log_metrics({"loss": 0.5}, step=0)
+
+
+def test_run_folder_is_the_given_one_or_a_new_dated_one(tmp_path, monkeypatch):
+    assert run_folder(tmp_path / "mine", "pretrain") == tmp_path / "mine"
+    assert run_folder(str(tmp_path), "pretrain") == tmp_path
+    monkeypatch.setattr("agreement.runs.time.strftime", lambda _: "20261202-101500")
+    assert run_folder(None, "evaluate", "fashion-") == Path("runs/evaluate/fashion-20261202-101500")
+    assert run_folder("", "entities") == Path("runs/entities/20261202-101500")
+
+
+def test_write_summary_writes_what_json_cannot_hold_as_text(tmp_path):
+    path = write_summary(tmp_path, {"run_dir": tmp_path, "steps": 3})
+    assert path == tmp_path / "summary.json"
+    assert json.loads(path.read_text()) == {"run_dir": str(tmp_path), "steps": 3}
+
+
+def test_save_config_writes_the_resolved_configuration(tmp_path):
+    parser = ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run_dir", type=str | None, default=None)
+    config = parser.parse_args(["--seed", "4"])
+    path = save_config(parser, config, tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert parser.parse_path(path).seed == 4
+    save_config(parser, parser.parse_args(["--seed", "5"]), tmp_path / "run")  # a repeated run replaces it
+    assert parser.parse_path(path).seed == 5

@@ -6,7 +6,25 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 MISSING = "–"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for a single value) of results over seeds or episodes:
+    the one statistic behind every "mean ± std" the project reports."""
+    if len(values) == 0:
+        raise ValueError("mean_std needs at least one value")
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def format_mean_std(values: Sequence[float], digits: int = 4, signed: bool = False) -> str:
+    """``values`` as ``"mean ± std"`` (:func:`mean_std`) with ``digits`` decimals; ``signed`` writes the mean's sign
+    (for differences)."""
+    mean, std = mean_std(values)
+    return f"{mean:{'+' if signed else ''}.{digits}f} ± {std:.{digits}f}"
 
 
 def format_cell(value: Any, digits: int = 3) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from agreement.tables import markdown_table
+from agreement.tables import format_mean_std, markdown_table, mean_std
 from entities.metrics import evaluate, evaluate_expected
 from entities.names import Gazetteer
 from entities.pipeline import discover, names_to_ids
@@ -149,10 +149,7 @@ def summarize(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         for method in ("ours", "official"):
             entry[method] = {
                 stage: {
-                    metric: {
-                        "mean": float(np.mean(values := [e[method][stage][metric] for e in chosen])),
-                        "std": float(np.std(values)),
-                    }
+                    metric: dict(zip(("mean", "std"), mean_std([e[method][stage][metric] for e in chosen])))
                     for metric in METRICS
                 }
                 for stage in STAGES
@@ -226,7 +223,7 @@ def markdown(result: dict[str, Any]) -> str:
             for e in result["episodes"]
             if regime in ("mean", e["regime"])
         ]
-        cells.append(f"{np.mean(gains):+.3f} ± {np.std(gains):.3f}")
+        cells.append(format_mean_std(gains, 3, signed=True))
         rows.append([f"**{regime}**" if regime == "mean" else regime, *cells])
     lines = [markdown_table(columns, rows)]
     episodes = summary["mean"]["episodes"]

@@ -12,7 +12,6 @@ import copy
 import csv
 import importlib
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from agreement.runs import (
     mark_unfinished,
     run_folder,
 )
-from agreement.tables import markdown_table
+from agreement.tables import format_mean_std, markdown_table, mean_std
 from prompts.checkpoint import save_prompts
 from prompts.data import FewShotDataModule
 from prompts.inputs import check_protocol_inputs
@@ -48,15 +47,6 @@ Build = Callable[[int, int, Path, int | None], tuple[PromptCLIPModule, FewShotDa
 
 def harmonic_mean(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values: list[float]) -> str:
-    m, s = mean_std(values)
-    return f"{m:.2f} ± {s:.2f}"
 
 
 def pairs(config) -> list[tuple[int, int]]:
@@ -249,10 +239,10 @@ def summarise(protocol: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             "method": method,
             "dataset": dataset,
             "seeds": len(base),
-            "Base": fmt(base),
-            "Novel": fmt(novel),
+            "Base": format_mean_std(base, 2),
+            "Novel": format_mean_std(novel, 2),
             "HM": f"{harmonic_mean(mean_std(base)[0], mean_std(novel)[0]):.2f}",
-            "HM per seed": fmt(per_seed_hm),
+            "HM per seed": format_mean_std(per_seed_hm, 2),
             "base_mean": mean_std(base)[0],
             "novel_mean": mean_std(novel)[0],
         }
@@ -270,7 +260,7 @@ def summarise(protocol: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
                     "dataset": dataset,
                     "shots": shots,
                     "seeds": len(values),
-                    "Accuracy": fmt(values),
+                    "Accuracy": format_mean_std(values, 2),
                     "paper (11-dataset average)": f"{paper:.2f}" if paper else "n/a",
                 }
             )
@@ -285,7 +275,7 @@ def summarise(protocol: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
                     "source": dataset,
                     "target": target + (" (source)" if target == dataset else ""),
                     "seeds": len(values),
-                    "Accuracy": fmt(values),
+                    "Accuracy": format_mean_std(values, 2),
                     "paper": f"{paper:.2f}" if paper and dataset == "ImageNet" else "n/a",
                 }
             )

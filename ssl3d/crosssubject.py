@@ -47,10 +47,10 @@ from torchmetrics.functional.classification import multilabel_auroc
 
 from agreement.inputs import load_torch_file
 from agreement.optional import optional_import
-from agreement.tables import markdown_table
+from agreement.tables import markdown_table, mean_std
 from ssl3d.data.datamodule import DEMO_RESOLUTION
 from ssl3d.encoder import SliceEncoder
-from ssl3d.fashion import DatasetNotFoundError, _mean_std
+from ssl3d.fashion import DatasetNotFoundError
 from ssl3d.module import JointSSL
 from ssl3d.probe import _pretraining_slices, recalibrate_batchnorm
 from ssl3d.report import save_figure
@@ -734,8 +734,7 @@ def compare_with_random(
                 "metric": metric,
                 "higher is better": higher,
                 "pretrained": value,
-                "random mean": float(np.mean(values)),
-                "random std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                **dict(zip(("random mean", "random std"), mean_std(values))),
                 "random values": values,
                 "initial": None if initial is None else initial[metric],
                 "paired difference": None if initial is None else value - initial[metric],
@@ -870,11 +869,11 @@ def compare_runs(
                 "metric": metric,
                 "higher is better": higher,
                 "pretrained values": pretrained,
-                **dict(zip(("pretrained mean", "pretrained std"), _mean_std(pretrained))),
+                **dict(zip(("pretrained mean", "pretrained std"), mean_std(pretrained))),
                 "random values": random_values,
-                **dict(zip(("random mean", "random std"), _mean_std(random_values))),
+                **dict(zip(("random mean", "random std"), mean_std(random_values))),
                 "paired differences": paired,
-                **dict(zip(("paired mean", "paired std"), _mean_std(paired))),
+                **dict(zip(("paired mean", "paired std"), mean_std(paired))),
                 "separates from random": separates_from_random(pretrained, random_values, paired, higher),
                 "baselines": _baselines_of(baselines, metric),
             }

@@ -29,7 +29,7 @@ from agreement.callbacks import KNNProbeCallback
 from agreement.knn import kmeans_probe, knn_accuracy, linear_probe
 from agreement.metrics import ari, cluster_usage, nmi, purity
 from agreement.sampling import SeededSampler
-from agreement.tables import markdown_table
+from agreement.tables import format_mean_std, markdown_table, mean_std
 from ssl3d.data.datasets import _split_key
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
@@ -545,11 +545,6 @@ def pretrain_2d(
     return model, {"initial": initial, "log": log}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
 def check_subsets(
     config: CheckConfig, train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -638,8 +633,8 @@ def run_check(
             f"random initialisation, seed {seed}: kNN accuracy {random_acc[seed]:.4f}, "
             f"linear probe {random_linear[seed]:.4f}; " + _scores_text(random_clustering[seed])
         )
-    random_mean, random_std = _mean_std(list(random_acc.values()))
-    linear_mean, linear_std = _mean_std(list(random_linear.values()))
+    random_mean, random_std = mean_std(list(random_acc.values()))
+    linear_mean, linear_std = mean_std(list(random_linear.values()))
     methods: dict[str, Any] = {}
     for method in config.methods:
         runs = []
@@ -677,7 +672,7 @@ def run_check(
                 + "; "
                 + _scores_text(runs[-1]["clustering"])
             )
-        mean, std = _mean_std([r["accuracy"] for r in runs])
+        mean, std = mean_std([r["accuracy"] for r in runs])
         gain = mean - random_mean
         methods[method] = {
             "runs": runs,
@@ -685,10 +680,10 @@ def run_check(
             "accuracy_std": std,
             "gain_over_random_mean": gain,
             "gain_in_random_stds": gain / random_std if random_std > 0 else math.inf,
-            "paired_gain_mean": _mean_std([r["paired_gain"] for r in runs])[0],
-            "paired_gain_std": _mean_std([r["paired_gain"] for r in runs])[1],
-            "linear_mean": _mean_std([r["linear_accuracy"] for r in runs])[0],
-            "linear_std": _mean_std([r["linear_accuracy"] for r in runs])[1],
+            "paired_gain_mean": mean_std([r["paired_gain"] for r in runs])[0],
+            "paired_gain_std": mean_std([r["paired_gain"] for r in runs])[1],
+            "linear_mean": mean_std([r["linear_accuracy"] for r in runs])[0],
+            "linear_std": mean_std([r["linear_accuracy"] for r in runs])[1],
             "passes": bool(gain >= 0.03 and gain > 3 * random_std),
         }
     result = {
@@ -761,10 +756,9 @@ def clustering_table(result: dict[str, Any]) -> str:
     """Markdown table of the clustering readouts: mean ± std over seeds, and each method's paired difference
     from its own initialisation."""
 
-    def cells(by_run: list[dict[str, float]]) -> list[str]:
+    def cells(by_run: list[dict[str, float]], signed: bool = False) -> list[str]:
         return [
-            "{:.4f} ± {:.4f}".format(*_mean_std([scores[key] for scores in by_run]))
-            for _, key in CLUSTERING_SCORES
+            format_mean_std([scores[key] for scores in by_run], signed=signed) for _, key in CLUSTERING_SCORES
         ]
 
     random_runs = list(result["random"]["clustering_by_seed"].values())
@@ -779,7 +773,7 @@ def clustering_table(result: dict[str, Any]) -> str:
             }
             for r in runs
         ]
-        rows.append([f"{method} − own initialisation (paired)", *cells(paired)])
+        rows.append([f"{method} − own initialisation (paired)", *cells(paired, signed=True)])
     return markdown_table(["encoder", *(title for title, _ in CLUSTERING_SCORES)], rows)
 
 

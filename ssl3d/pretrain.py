@@ -35,7 +35,7 @@ from agreement.runs import (
     run_folder,
     write_summary,
 )
-from agreement.tables import markdown_table
+from agreement.tables import markdown_table, mean_std
 from ssl3d.data.datamodule import JointSSLDataModule
 from ssl3d.encoder import SliceEncoder
 from ssl3d.export import export_encoder
@@ -155,18 +155,18 @@ def evaluate_encoders(model: JointSSL, seed: int) -> dict[str, Any]:
         randoms.append(probe(encoder))
     rows = []
     for name, result in pretrained.items():
-        accuracies = torch.tensor([r[name]["accuracy"] for r in randoms])
-        balanced = torch.tensor([r[name]["mean_per_class_accuracy"] for r in randoms])
+        accuracies = [r[name]["accuracy"] for r in randoms]
+        random_mean, random_std = mean_std(accuracies)
         rows.append(
             {
                 "features": name,
                 "pretrained": result["accuracy"],
-                "random mean": float(accuracies.mean()),
-                "random std": float(accuracies.std()) if len(accuracies) > 1 else 0.0,
-                "gain": result["accuracy"] - float(accuracies.mean()),
-                "beats every random seed": bool(result["accuracy"] > accuracies.max()),
+                "random mean": random_mean,
+                "random std": random_std,
+                "gain": result["accuracy"] - random_mean,
+                "beats every random seed": bool(result["accuracy"] > max(accuracies)),
                 "pretrained mean per-class": result["mean_per_class_accuracy"],
-                "random mean per-class": float(balanced.mean()),
+                "random mean per-class": mean_std([r[name]["mean_per_class_accuracy"] for r in randoms])[0],
             }
         )
     return {

@@ -49,7 +49,7 @@ import pytorch_lightning as pl
 import torch
 
 from agreement.runs import run_folder
-from agreement.tables import markdown_table
+from agreement.tables import markdown_table, mean_std
 from ssl3d.probe import recalibrate_batchnorm
 from ssl3d.report import save_figure
 
@@ -343,11 +343,6 @@ def arm_arguments(
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
 def final_training_loss(metrics_csv: Path, share: float = 0.1) -> float:
     """Mean ``train/loss`` over the last ``share`` of the logged steps (NaN without a log)."""
     if not metrics_csv.is_file():
@@ -529,14 +524,14 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         for arm in ARMS:
             values = [by_seed[s][arm]["scores"][metric] for s in seeds]
             losses = [by_seed[s][arm]["final_train_loss"] for s in seeds]
-            mean, std = _mean_std(values)
+            mean, std = mean_std(values)
             entry[arm] = {
                 "by_seed": dict(zip(map(str, seeds), values)),
                 "mean": mean,
                 "std": std,
-                "final_train_loss_mean": _mean_std(losses)[0],
+                "final_train_loss_mean": mean_std(losses)[0],
                 "other_metrics": {
-                    name: _mean_std([by_seed[s][arm]["scores"][name] for s in seeds])
+                    name: mean_std([by_seed[s][arm]["scores"][name] for s in seeds])
                     for name in METRIC_NAMES
                     if name != metric
                 },
@@ -544,7 +539,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         differences = [
             entry["pretrained"]["by_seed"][str(s)] - entry["random"]["by_seed"][str(s)] for s in seeds
         ]
-        mean, std = _mean_std(differences)
+        mean, std = mean_std(differences)
         entry["difference"] = {
             "by_seed": dict(zip(map(str, seeds), differences)),
             "mean": mean,

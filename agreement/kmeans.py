@@ -65,7 +65,7 @@ def _prepare(x: torch.Tensor, spherical: bool) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1) if spherical else x.contiguous()
 
 
-def assignment_error_bound(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def _assignment_error_bound(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """(n,) bound on how far the bfloat16 assignment score ``||c||^2 - 2 x.c`` of any centroid can be from its
     exact value, per point: two scores closer than twice this may swap, farther apart they cannot.
 
@@ -142,7 +142,7 @@ def _nearest(
 
     ``point_sq`` (n,) are the points' squared norms when the caller has them (computed per chunk otherwise).
     With ``low`` (the points in bfloat16), the scores come from one bfloat16 GEMM: the same index wherever the best
-    score leads the second by more than twice ``assignment_error_bound``, the distance to bfloat16 accuracy.
+    score leads the second by more than twice ``_assignment_error_bound``, the distance to bfloat16 accuracy.
     """
     assignments = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -412,7 +412,7 @@ def kmeans(
             there, and only the best is refined on all points.
         precision: (torch backend) ``"bfloat16"`` computes the assignment scores with one bfloat16 GEMM (fp32
             accumulation) instead of fp32; the centroid update stays fp32. A point gets the fp32 assignment
-            whenever its best centroid leads the second by more than twice ``assignment_error_bound`` (about
+            whenever its best centroid leads the second by more than twice ``_assignment_error_bound`` (about
             2.4% of ``||x|| max ||c||`` plus 0.8% of ``max ||c||^2``); nearer ties may go either way. Faster where the hardware has bfloat16
             matrix instructions (recent x86 and GPUs), slower where bfloat16 is emulated.
 

@@ -130,6 +130,23 @@ class BipartiteGraph:
         # Empty rows or columns stay all-zero instead of becoming NaN.
         return np.divide(1.0, sums, out=np.zeros_like(sums), where=sums > 0)
 
+    def merge_left(self, groups: Sequence[int] | np.ndarray, num_groups: int) -> BipartiteGraph:
+        """Sparse graph of ``num_groups`` left nodes whose row ``g`` sums the rows of the left nodes in group ``g``
+        (``groups[l]``, an integer in ``[0, num_groups)`` per left node): e.g. faces x names into clusters x names.
+        """
+        groups = np.asarray(_to_numpy(groups))
+        if groups.shape != (self.num_left,) or not np.issubdtype(groups.dtype, np.integer):
+            raise ValueError(
+                f"groups must hold one integer per left node ({self.num_left}), got {groups.shape}"
+            )
+        if groups.size and (groups.min() < 0 or groups.max() >= num_groups):
+            raise ValueError(f"groups must lie in [0, {num_groups})")
+        membership = sp.csr_matrix(
+            (np.ones(groups.size), (groups, np.arange(groups.size))), shape=(num_groups, groups.size)
+        )
+        weights = self.weights if self.is_sparse else sp.csr_matrix(self.weights)
+        return BipartiteGraph(sp.csr_matrix(membership @ weights), right_vocab=self.right_vocab)
+
     def normalize_rows(self) -> BipartiteGraph:
         """New graph whose non-empty rows sum to 1, i.e. ``P(right | left)``."""
         return self._scaled(self._inverse(self.row_sums()), None)

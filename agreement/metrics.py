@@ -86,11 +86,22 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(probs * np.log(probs)).sum())
 
 
+def mutual_information(table: Any) -> float:
+    """Mutual information (nats) of a 2-D table of non-negative counts or weights, read as a joint distribution
+    once normalised (the rows and columns are the two variables); 0 for an empty table."""
+    table = _to_numpy(table)
+    if table.ndim != 2:
+        raise ValueError(f"table must be 2-D, got shape {tuple(table.shape)}")
+    if not np.isfinite(table).all() or (table < 0).any():
+        raise ValueError("table must hold finite, non-negative counts or weights")
+    return _mutual_information(table)
+
+
 def _mutual_information(table: np.ndarray) -> float:
-    if min(table.shape) == 1:
+    n = float(table.sum())
+    if min(table.shape) <= 1 or n == 0:
         # A labeling with a single group has zero entropy, so MI is exactly 0 (rounding would not say so).
         return 0.0
-    n = float(table.sum())
     rows, cols = np.nonzero(table)
     joint = table[rows, cols].astype(np.float64)
     row_sums = table.sum(axis=1).astype(np.float64)

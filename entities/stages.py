@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from agreement.kmeans import kmeans
 from agreement.matching import BipartiteGraph, cooccurrence_graph, hungarian_match
+from agreement.metrics import mutual_information
 
 Vote = Literal["majority", "frequency"]
 
@@ -102,11 +102,7 @@ def cluster_faces(
 
 def cluster_name_graph(clusters: np.ndarray, weak: BipartiteGraph, num_clusters: int) -> BipartiteGraph:
     """Clusters x classes graph: summed weak-label counts of each cluster's faces."""
-    membership = sp.csr_matrix(
-        (np.ones(len(clusters)), (clusters, np.arange(len(clusters)))), shape=(num_clusters, len(clusters))
-    )
-    weights = weak.weights if weak.is_sparse else sp.csr_matrix(weak.weights)
-    return BipartiteGraph(sp.csr_matrix(membership @ weights))
+    return weak.merge_left(clusters, num_clusters)
 
 
 def vote_scores(graph: BipartiteGraph, vote: Vote = "majority", frequency_power: float = 1.0) -> np.ndarray:
@@ -194,18 +190,7 @@ def weak_name_agreement(labels: np.ndarray, weak: BipartiteGraph, num_classes: i
     are said around them, and falls when faces of different people are pooled under one label (a raw count of
     matching names would instead reward moving every face to the most talked-about name).
     """
-    membership = sp.csr_matrix(
-        (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(num_classes, len(labels))
-    )
-    weights = weak.weights if weak.is_sparse else sp.csr_matrix(weak.weights)
-    table = np.asarray((membership @ weights).todense(), dtype=np.float64)
-    total = table.sum()
-    if total == 0:
-        return 0.0
-    joint = table / total
-    expected = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
-    present = joint > 0
-    return float((joint[present] * np.log(joint[present] / expected[present])).sum())
+    return mutual_information(weak.merge_left(labels, num_classes).to_dense())
 
 
 RefineRule = Literal["until_stable", "weak_agreement"]

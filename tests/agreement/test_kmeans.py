@@ -101,7 +101,7 @@ def test_bfloat16_scores_stay_within_the_error_bound(scale, offset, dim):
     low = kmeans_module._LowPrecisionPoints(x)
     computed = (low.points @ low.centroid_columns(centroids)).double()
     error = (computed - _exact_scores(x, centroids)).abs().max(dim=1).values
-    bound = kmeans_module.assignment_error_bound(x, centroids).double()
+    bound = kmeans_module._assignment_error_bound(x, centroids).double()
     assert bool((error <= bound).all())
     assert float((error / bound).max()) > 0.05  # the bound is not vacuously loose
 
@@ -115,14 +115,14 @@ def test_bfloat16_assignment_is_the_exact_one_outside_the_error_bound(spherical)
         x, centroids = (torch.nn.functional.normalize(t, dim=1) for t in (x, centroids))
     scores = _exact_scores(x, centroids)
     best, expected = scores.topk(2, dim=1, largest=False)
-    clear = (best[:, 1] - best[:, 0]) > 2 * kmeans_module.assignment_error_bound(x, centroids).double()
+    clear = (best[:, 1] - best[:, 0]) > 2 * kmeans_module._assignment_error_bound(x, centroids).double()
     assert clear.float().mean() > 0.5  # most points are covered by the guarantee
     low = kmeans_module._LowPrecisionPoints(x)
     for chunk_size in (7, 4096):
         index, distance = kmeans_module._nearest(x, centroids, spherical, chunk_size, low=low)
         assert torch.equal(index[clear], expected[clear, 0])
         exact_distance = ((x.double() - centroids.double()[index]) ** 2).sum(1)
-        bound = kmeans_module.assignment_error_bound(x, centroids).double()
+        bound = kmeans_module._assignment_error_bound(x, centroids).double()
         assert bool(((distance.double() - exact_distance).abs() <= bound + 1e-4).all())
 
 

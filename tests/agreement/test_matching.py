@@ -167,3 +167,19 @@ def test_count_repeats_makes_groups_multisets():
                 reference[a, b] += w
     np.testing.assert_allclose(graph.to_dense(), reference)
     assert cooccurrence_graph(left, right, weights).to_dense()[0, 2] == 1.0  # a set: once per group
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_merge_left_sums_the_rows_of_each_group(sparse):
+    rng = np.random.default_rng(0)
+    weights = rng.integers(0, 3, size=(7, 4)).astype(float)
+    graph = BipartiteGraph(sp.csr_matrix(weights) if sparse else weights, right_vocab=list("abcd"))
+    groups = np.array([2, 0, 2, 1, 0, 2, 2])
+    merged = graph.merge_left(groups, num_groups=4)
+    expected = np.stack([weights[groups == g].sum(0) for g in range(4)])
+    np.testing.assert_array_equal(merged.to_dense(), expected)
+    assert merged.is_sparse and merged.right_vocab == tuple("abcd") and not merged.to_dense()[3].any()
+    with pytest.raises(ValueError, match=r"groups must lie in \[0, 2\)"):
+        graph.merge_left(groups, num_groups=2)
+    with pytest.raises(ValueError, match="one integer per left node"):
+        graph.merge_left(groups[:3], num_groups=4)

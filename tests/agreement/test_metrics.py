@@ -11,6 +11,7 @@ from agreement.metrics import (
     cluster_accuracy,
     cluster_usage,
     contingency_matrix,
+    mutual_information,
     nmi,
     per_class_accuracy,
     purity,
@@ -203,3 +204,30 @@ def test_other_validation():
         cluster_usage([0], num_clusters=0)
     with pytest.raises(ValueError, match="assignments is empty"):
         cluster_usage(torch.zeros(0, dtype=torch.long), num_clusters=2)
+
+
+def test_mutual_information_of_count_and_weight_tables():
+    rng = np.random.default_rng(0)
+    for shape in ((4, 6), (10, 3), (2, 2)):
+        counts = rng.poisson(3.0, size=shape)
+        counts[0] = 0  # an empty row (a label no face has)
+        assert mutual_information(counts) == pytest.approx(
+            skm.mutual_info_score(None, None, contingency=counts)
+        )
+        # Weights (scikit-learn takes counts only): H(rows) + H(columns) - H(rows, columns) of the joint.
+        weights = counts * rng.uniform(0.5, 2.0, size=shape)
+        joint = weights / weights.sum()
+
+        def entropy(p):
+            return -(p[p > 0] * np.log(p[p > 0])).sum()
+
+        expected = entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint.ravel())
+        assert mutual_information(weights) == pytest.approx(expected, abs=1e-12)
+        assert mutual_information(7.5 * weights) == pytest.approx(expected, abs=1e-12)
+    independent = np.outer([1.0, 2.0, 3.0], [4.0, 1.0])
+    assert mutual_information(independent) == pytest.approx(0.0, abs=1e-12)
+    assert mutual_information(np.zeros((3, 3))) == 0.0 and mutual_information(np.ones((1, 4))) == 0.0
+    with pytest.raises(ValueError, match="non-negative"):
+        mutual_information(-independent)
+    with pytest.raises(ValueError, match="2-D"):
+        mutual_information(np.ones(3))

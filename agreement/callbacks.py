@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.utilities import move_data_to_device
 
 from agreement import dist
-from agreement.knn import gather_features, weighted_knn_predict
+from agreement.knn import gather_features, knn_accuracy
 from agreement.metrics import cluster_usage
 
 LoaderLike = Iterable[Any] | Callable[[], Iterable[Any]]
@@ -110,17 +110,17 @@ class KNNProbeCallback(pl.Callback):
         num_classes = self.num_classes
         if num_classes is None:
             num_classes = int(torch.cat([train_labels, val_labels]).max()) + 1
-        pred, _ = weighted_knn_predict(
+        return knn_accuracy(
             train_feats,
             train_labels,
             val_feats,
+            val_labels,
             num_classes,
             k=self.k,
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
-        return float((pred.cpu() == val_labels.cpu()).float().mean())
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:

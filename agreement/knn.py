@@ -93,6 +93,15 @@ def _search_torch(train: torch.Tensor, query: torch.Tensor, k: int) -> tuple[tor
     return torch.topk(query @ train.T, k, dim=1)
 
 
+def check_knn_settings(k: Any, temperature: Any) -> None:
+    """Raise a ``ValueError`` unless ``k`` is a positive integer and ``temperature`` a positive finite number
+    (for callers that check before the features are extracted)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not temperature > 0 or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
 def weighted_knn_predict(
     train_features: Any,
     train_labels: Any,
@@ -114,10 +123,7 @@ def weighted_knn_predict(
     shares (each row sums to 1, proportional to DINO's summed weights), on the device of ``train_features``.
     """
     _check_num_classes(num_classes)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if not temperature > 0 or not np.isfinite(temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_knn_settings(k, temperature)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if backend not in _BACKENDS:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agreement.knn import weighted_knn_predict
+from agreement.knn import check_knn_settings, weighted_knn_predict
+from agreement.metrics import per_class_accuracy
 from ssl3d.data.mni import MNI152, TISSUE_NAMES, load_mni152
 from ssl3d.data.volumes import VolumeLoader
 
@@ -311,13 +312,6 @@ def recalibrate_batchnorm(
     return module
 
 
-def _check_knn_args(k: int, temperature: float) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
-
-
 def _knn_summary(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -335,16 +329,14 @@ def _knn_summary(
         k=k,
         temperature=temperature,
     )
-    correct = predictions.cpu() == test_labels
-    per_class = {}
-    for index, name in enumerate(class_names):
-        members = test_labels == index
-        if bool(members.any()):
-            per_class[name] = float(correct[members].float().mean())
+    predictions = predictions.cpu()
+    balanced, recall = per_class_accuracy(test_labels, predictions, num_classes=len(class_names))
     return {
-        "accuracy": float(correct.float().mean()),
-        "mean_per_class_accuracy": float(np.mean(list(per_class.values()))),
-        "per_class": per_class,
+        "accuracy": float((predictions == test_labels).float().mean()),
+        "mean_per_class_accuracy": balanced,
+        "per_class": {
+            name: float(recall[i]) for i, name in enumerate(class_names) if not np.isnan(recall[i])
+        },
         "num_train": int(train_labels.numel()),
         "num_test": int(test_labels.numel()),
     }
@@ -362,7 +354,7 @@ def tissue_knn_probe(
     Returns ``accuracy``, ``mean_per_class_accuracy`` (balanced accuracy over the classes present in the
     test patches), ``per_class`` (class name to accuracy), ``num_train`` and ``num_test`` patch counts.
     """
-    _check_knn_args(k, temperature)
+    check_knn_settings(k, temperature)
     data = make_tissue_probe_data() if data is None else data
     splits = []
     for split in (data.train, data.test):
@@ -393,7 +385,7 @@ def tissue_knn_probe_per_level(
     at that resolution, where the concatenation is dominated by whichever levels separate the patches least.
     Keys are ``level_name`` strings, finest first, then ``ALL_LEVELS``; values are ``tissue_knn_probe`` dicts.
     """
-    _check_knn_args(k, temperature)
+    check_knn_settings(k, temperature)
     data = make_tissue_probe_data() if data is None else data
     (train_levels, strides), (test_levels, _) = (
         level_patch_features(feature_fn, split.images, data.grid, batch_size=batch_size)
@@ -438,7 +430,7 @@ def intensity_baseline(data: TissueProbeData | None = None, k: int = 20, tempera
     It shows how much a learned encoder adds beyond local intensity; the result has the same keys as
     ``tissue_knn_probe``.
     """
-    _check_knn_args(k, temperature)
+    check_knn_settings(k, temperature)
     data = make_tissue_probe_data() if data is None else data
     splits = []
     for split in (data.train, data.test):

@@ -34,7 +34,6 @@ deviation (``ddof=1``) over seeds. Outputs in ``--out_dir``: ``finetune_comparis
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -51,7 +50,7 @@ import torch
 from agreement.runs import run_folder
 from agreement.tables import markdown_table, mean_std
 from ssl3d.probe import recalibrate_batchnorm
-from ssl3d.report import save_figure
+from ssl3d.report import read_metrics, save_figure
 
 ARMS = ("random", "pretrained")
 FOREGROUND = "mean (foreground)"
@@ -343,32 +342,20 @@ def arm_arguments(
 # ---------------------------------------------------------------------------------------------- running
 
 
-def final_training_loss(metrics_csv: Path, share: float = 0.1) -> float:
-    """Mean ``train/loss`` over the last ``share`` of the logged steps (NaN without a log)."""
-    if not metrics_csv.is_file():
-        return math.nan
-    values = []
-    with open(metrics_csv, newline="") as handle:
-        for row in csv.DictReader(handle):
-            cell = row.get("train/loss") or row.get("train/loss_step")
-            if cell:
-                values.append((int(float(row.get("step") or 0)), float(cell)))
-    if not values:
-        return math.nan
-    values.sort()
-    tail = values[-max(1, math.ceil(share * len(values))) :]
-    return float(np.mean([v for _, v in tail]))
-
-
 def training_curve(metrics_csv: Path) -> list[tuple[int, float]]:
+    """``(step, train/loss)`` of a fine-tuning run's ``metrics.csv``, in step order (empty without a log)."""
     if not metrics_csv.is_file():
         return []
-    with open(metrics_csv, newline="") as handle:
-        return [
-            (int(float(row.get("step") or 0)), float(row["train/loss"]))
-            for row in csv.DictReader(handle)
-            if row.get("train/loss")
-        ]
+    return sorted(read_metrics(metrics_csv).get("train/loss", []))
+
+
+def final_training_loss(metrics_csv: Path, share: float = 0.1) -> float:
+    """Mean ``train/loss`` over the last ``share`` of the logged steps (NaN without a log)."""
+    values = training_curve(metrics_csv)
+    if not values:
+        return math.nan
+    tail = values[-max(1, math.ceil(share * len(values))) :]
+    return float(np.mean([v for _, v in tail]))
 
 
 def _run_arm(cli_args: list[str], arm_dir: Path, resume: bool) -> dict[str, Any]:

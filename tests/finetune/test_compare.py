@@ -213,3 +213,18 @@ def test_matching_init_norms_changes_no_output_of_a_batchnorm_resnet():
         if isinstance(module, torch.nn.Conv2d):
             target = dict(reference.model.named_modules())[name].weight.norm()
             torch.testing.assert_close(module.weight.norm(), target, rtol=1e-4, atol=0)
+
+
+def test_training_curve_and_final_loss_read_the_run_log(tmp_path):
+    log = tmp_path / "metrics.csv"
+    log.write_text(
+        "epoch,step,train/loss,val/auroc\n"
+        + "".join(f"0,{step},{10 - step},\n" for step in (3, 1, 2, 0, 4, 5, 6, 7, 8, 9))
+        + "0,9,,0.7\n"  # a validation row has no training loss
+    )
+    assert compare.training_curve(log) == [(step, float(10 - step)) for step in range(10)]
+    assert compare.final_training_loss(log) == 1.0  # the last 10% of the steps
+    assert compare.final_training_loss(log, share=0.3) == pytest.approx(2.0)
+    assert compare.training_curve(tmp_path / "none.csv") == [] and math.isnan(
+        compare.final_training_loss(tmp_path / "none.csv")
+    )

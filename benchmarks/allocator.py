@@ -1,4 +1,4 @@
-"""``python -m benchmarks.allocator``: the paper-config JointSSL step (fp32, channels-last) with glibc's default
+"""``scripts/benchmark.py allocator``: the paper-config JointSSL step (fp32, channels-last) with glibc's default
 allocator and with freed memory retained (``agreement.allocator``), in alternating fresh processes, since the
 allocator setting is per process: median step time, system time and minor page faults of each, and the paired
 ratios."""
@@ -13,10 +13,11 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
-from agreement.tables import markdown_table
+from agreement.tables import format_mean_std, markdown_table
 
 MODES = ("glibc", "retain")
 
@@ -48,30 +49,19 @@ def measure(mode: str, quick: bool, steps: int = 3) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pairs", type=int, default=3, help="alternating (glibc, retain) process pairs")
-    parser.add_argument("--quick", action="store_true", help="a ResNet-18 on 8 slices of 32x32: a smoke test")
-    parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # the child process's mode
-    args = parser.parse_args(argv)
-    if args.measure:
-        result = measure(args.measure, args.quick)
-        print(json.dumps(result))
-        return result
-    if args.pairs < 1:
-        raise SystemExit(f"--pairs must be >= 1, got {args.pairs}")
+def run_allocator_benchmark(pairs: int = 3, quick: bool = False) -> dict[str, Any]:
+    """``scripts/benchmark.py allocator``: ``pairs`` alternating (glibc, retain) fresh processes; the figures of
+    each, the paired ratios, and ``rows`` and ``markdown`` for the report."""
+    if pairs < 1:
+        raise SystemExit(f"--pairs must be >= 1, got {pairs}")
     # both modes start from glibc's defaults, whatever MALLOC_* settings this shell has
     env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
-    for _ in range(args.pairs):
+    for _ in range(pairs):
         for mode in MODES:
-            command = [sys.executable, "-m", "benchmarks.allocator", "--measure", mode]
+            command = [sys.executable, "-m", "benchmarks.allocator", mode]
             output = subprocess.run(
-                command + (["--quick"] if args.quick else []),
-                capture_output=True,
-                text=True,
-                check=True,
-                env=env,
+                command + (["--quick"] if quick else []), capture_output=True, text=True, check=True, env=env
             ).stdout
             runs[mode].append(json.loads(output.strip().splitlines()[-1]))
     ratios = [
@@ -79,22 +69,31 @@ def main(argv: list[str] | None = None) -> dict:
         for glibc, kept in zip(runs["glibc"], runs["retain"])
     ]
     rows = [
-        [
-            mode,
-            ", ".join(f"{run['seconds_per_step']:.2f}" for run in runs[mode]),
-            ", ".join(f"{run['system_seconds']:.1f}" for run in runs[mode]),
-            ", ".join(str(run["minor_page_faults"]) for run in runs[mode]),
-        ]
+        {
+            "allocator": mode,
+            "s / step (each pair)": ", ".join(f"{run['seconds_per_step']:.2f}" for run in runs[mode]),
+            "system s": ", ".join(f"{run['system_seconds']:.1f}" for run in runs[mode]),
+            "minor page faults": ", ".join(str(run["minor_page_faults"]) for run in runs[mode]),
+        }
         for mode in MODES
     ]
-    print(markdown_table(["allocator", "s / step (each pair)", "system s", "minor page faults"], rows))
-    spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-    print(
-        f"\nglibc / retain per pair: {', '.join(f'{r:.2f}' for r in ratios)}; mean {statistics.mean(ratios):.2f} "
-        f"± {spread:.2f}"
+    summary = (
+        f"glibc / retain per pair: {', '.join(f'{r:.2f}' for r in ratios)}; "
+        f"mean {format_mean_std(ratios, digits=2)}"
     )
-    return {"runs": runs, "ratios": ratios}
+    return {
+        "runs": runs,
+        "ratios": ratios,
+        "rows": rows,
+        "markdown": markdown_table(list(rows[0]), rows) + "\n\n" + summary,
+    }
 
 
-if __name__ == "__main__":
-    main()
+if (
+    __name__ == "__main__"
+):  # one child process of run_allocator_benchmark: python -m benchmarks.allocator MODE
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("--quick", action="store_true", help="a ResNet-18 on 8 slices of 32x32: a smoke test")
+    arguments = parser.parse_args()
+    print(json.dumps(measure(arguments.mode, arguments.quick)))

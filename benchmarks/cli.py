@@ -9,6 +9,7 @@ python scripts/benchmark.py entities             # stages 2+3 on 300,000 faces a
 python scripts/benchmark.py entities-eval        # entity discovery vs the official algorithm, held-out episodes
 python scripts/benchmark.py entities-eval --split tuning --tune   # the grid the entity defaults were chosen from
 python scripts/benchmark.py finetune             # fine-tuning steps and inference volumes/s
+python scripts/benchmark.py allocator            # the paper step with glibc's allocator and with retained memory
 
 Compared variants are timed round-robin in one process and summarised by their median, so that load from other
 jobs on a shared machine hits them alike.
@@ -34,7 +35,7 @@ from benchmarks.common import (
 from benchmarks.ssl3d import run_ssl3d, ssl3d_tables
 
 PACKAGE_SUITES = ("prompts", "entities", "entities-eval", "finetune")
-SUITES = ("agreement", "ssl3d", *PACKAGE_SUITES, "all")
+SUITES = ("agreement", "ssl3d", *PACKAGE_SUITES, "allocator", "all")  # "all": every suite but the allocator's
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tune",
         action="store_true",
         help="entities-eval: score the tuning grid and print the chosen defaults",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="allocator: alternating (glibc, retain) pairs of fresh processes"
     )
     return parser.parse_args(argv)
 
@@ -113,6 +117,11 @@ def _run(args: argparse.Namespace, device: torch.device, out: Path) -> dict[str,
         if args.suite in (suite, "all"):
             result[suite] = run_package_suite(suite, args, device)
             print(f"\n### {suite}\n\n{rows_table(result[suite]['rows'])}", flush=True)
+    if args.suite == "allocator":
+        from benchmarks.allocator import run_allocator_benchmark
+
+        result["allocator"] = run_allocator_benchmark(args.pairs, args.quick)
+        print(result["allocator"]["markdown"], flush=True)
     data = result if args.suite == "all" else result[args.suite]
     path = write_json(out, _finite_or_none(data))
     print(f"\nwrote {path}")
@@ -135,7 +144,7 @@ def run_package_suite(suite: str, args: argparse.Namespace, device: torch.device
 
         return run_entities_benchmark(quick=quick)
     if suite == "entities-eval":
-        from entities.evaluation import run_entities_evaluation
+        from benchmarks.entities import run_entities_evaluation
 
         return run_entities_evaluation(quick=quick, split=args.split, tune_defaults=args.tune)
     from benchmarks.finetune import run_finetune_benchmark

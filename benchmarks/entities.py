@@ -1,5 +1,6 @@
 """``scripts/benchmark.py entities``: stages 2 and 3 at SC-BBT scale against the official algorithm, and the
-video path's frames per second.
+video path's frames per second; ``scripts/benchmark.py entities-eval``: the evaluation family of
+``entities.evaluation`` as a report.
 
 The official algorithm (``entities.evaluation.official_stages``) clusters with scikit-learn
 ``KMeans(n_clusters=30, n_init=10)``, takes the cluster majority of weak labels and makes one stage-3 pass.
@@ -19,7 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from entities.evaluation import official_stages
+from entities.evaluation import (
+    REGIMES,
+    SPLITS,
+    STAGES,
+    markdown,
+    official_stages,
+    run_family,
+    tune,
+    tuning_candidates,
+    worst_margins,
+)
 from entities.metrics import evaluate
 from entities.names import Gazetteer
 from entities.pipeline import OFFICIAL_OPTIONS, discover, names_to_ids
@@ -166,3 +177,44 @@ def run_entities_benchmark(quick: bool = False) -> dict[str, Any]:
         "video": video,
         "rows": rows,
     }
+
+
+def run_entities_evaluation(
+    quick: bool = False, split: str = "held-out", tune_defaults: bool = False
+) -> dict[str, Any]:
+    """``scripts/benchmark.py entities-eval``: the per-regime comparison (or, with ``tune_defaults``, the tuning
+    grid), JSON-able with ``rows`` and ``markdown``. ``quick`` uses two regimes and one seed."""
+    regimes = list(REGIMES)[:2] if quick else None
+    seeds = SPLITS[split][:1] if quick else None
+    if tune_defaults:
+        if split != "tuning":
+            raise ValueError("--tune runs on the tuning half only: add --split tuning")
+        candidates = tuning_candidates()[:2] if quick else None
+        result = tune(candidates, regimes, SPLITS["tuning"][:1] if quick else None)
+        rows = [
+            {
+                "options": ", ".join(f"{k}={v}" for k, v in row["options"].items()),
+                "worst regime gain": round(row["worst"], 4),
+                "stage 2 accuracy / mpc gain": f"{row['stage 2 accuracy mean']:+.3f} / "
+                f"{row['stage 2 mean_per_class_accuracy mean']:+.3f}",
+                "stage 3 accuracy / mpc gain": f"{row['stage 3 accuracy mean']:+.3f} / "
+                f"{row['stage 3 mean_per_class_accuracy mean']:+.3f}",
+            }
+            for row in sorted(result["candidates"], key=lambda row: -row["worst"])
+        ]
+        chosen = ", ".join(f"{k}={v}" for k, v in result["chosen"].items())
+        return {**result, "rows": rows, "markdown": f"Chosen on the tuning half: {chosen}"}
+    result = run_family(split, regimes=regimes, seeds=seeds)
+    rows = []
+    for regime, entry in result["summary"].items():
+        row: dict[str, Any] = {"regime": regime, "episodes": entry["episodes"]}
+        for stage in STAGES[1:]:
+            for method in ("ours", "official"):
+                values = entry[method][stage]
+                row[f"{stage} {method}"] = (
+                    f"{values['accuracy']['mean']:.3f} / {values['mean_per_class_accuracy']['mean']:.3f}"
+                )
+        chosen = [e for e in result["episodes"] if regime in ("mean", e["regime"])]
+        row["seconds"] = round(sum(e["ours"]["seconds"] + e["official"]["seconds"] for e in chosen), 2)
+        rows.append(row)
+    return {**result, "margins": worst_margins(result["summary"]), "rows": rows, "markdown": markdown(result)}

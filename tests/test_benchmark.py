@@ -153,11 +153,10 @@ def test_official_step_times_are_those_of_this_machine_type(monkeypatch):
     assert common.official_step_seconds("IVLP") is None  # never measured there: no ratio is printed
 
 
-def test_allocator_pairs_report_both_modes():
-    from benchmarks.allocator import main as allocator_main
-
-    result = allocator_main(["--quick", "--pairs", "1"])
+def test_allocator_pairs_report_both_modes(benchmark, tmp_path):
+    result = benchmark.main(["allocator", "--quick", "--pairs", "1", "--out", str(tmp_path / "allocator.json")])
     assert set(result["runs"]) == {"glibc", "retain"}
     for runs in result["runs"].values():
         assert positive_finite(runs[0]["seconds_per_step"]) and runs[0]["minor_page_faults"] >= 0
     assert len(result["ratios"]) == 1 and positive_finite(result["ratios"][0])
+    assert "| glibc |" in result["markdown"] and (tmp_path / "allocator.json").is_file()

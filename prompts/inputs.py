@@ -27,7 +27,20 @@ def _model_class(model: Any) -> type | None:
     if not class_path:
         return None
     module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name, None)
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None  # the parser has already checked the class
+
+
+def method_trains(model: Any) -> bool:
+    """Whether the configured method (``--model``) trains anything; zero-shot CLIP does not."""
+    return bool(getattr(_model_class(model), "trainable", True))
+
+
+def protocol_shots(protocol: str, shots: list[int]) -> list[int]:
+    """The shot counts a protocol runs: every one for ``fewshot``, the first otherwise."""
+    return list(shots) if protocol == "fewshot" else list(shots[:1])
 
 
 def target_dataset(target: str, root: str) -> tuple[str, str]:
@@ -64,7 +77,7 @@ def check_run_options(protocol: str, seeds: list[int], shots: list[int], targets
         raise ValueError(
             f"--protocol {protocol} needs target datasets: --targets [name, imagefolder:/path, ...]"
         )
-    return list(shots) if protocol == "fewshot" else list(shots[:1])
+    return protocol_shots(protocol, shots)
 
 
 def check_protocol_inputs(config: Any) -> None:
@@ -76,7 +89,6 @@ def check_protocol_inputs(config: Any) -> None:
     shots_list = check_run_options(
         protocol, list(config.seeds), list(config.shots), list(config.targets or [])
     )
-    model_class = _model_class(config.get("model"))
     init_args = config.model.get("init_args") if config.get("model") is not None else None
     if init_args is not None and init_args.get("model_name") is not None:
         resolve_weights_file(init_args.model_name, init_args.get("pretrained"))
@@ -96,7 +108,7 @@ def check_protocol_inputs(config: Any) -> None:
     if not splits["test"]:
         raise ValueError(f"{source}: no test images")
     used = []
-    if getattr(model_class, "trainable", True):
+    if method_trains(config.get("model")):
         for shots in shots_list:
             check_shots(splits["train"], classnames, shots, source)
             for seed in config.seeds:

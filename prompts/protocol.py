@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib
 import json
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from agreement.runs import (
 from agreement.tables import format_mean_std, markdown_table, mean_std
 from prompts.checkpoint import save_prompts
 from prompts.data import FewShotDataModule
-from prompts.inputs import check_protocol_inputs
+from prompts.inputs import TRANSFER, check_protocol_inputs, method_trains, protocol_shots, target_dataset
 from prompts.module import PromptCLIPModule
 from prompts.published import FEW_SHOT_AVERAGE, PAPER_METHOD, paper_base_to_novel, paper_transfer
 
@@ -51,8 +50,7 @@ def harmonic_mean(a: float, b: float) -> float:
 
 def pairs(config) -> list[tuple[int, int]]:
     """The (shots, seed) pairs the protocol trains: every shot count for ``fewshot``, the first otherwise."""
-    shots_list = config.shots if config.protocol == "fewshot" else config.shots[:1]
-    return [(shots, seed) for shots in shots_list for seed in config.seeds]
+    return [(shots, seed) for shots in protocol_shots(config.protocol, config.shots) for seed in config.seeds]
 
 
 def pair_config(config, shots: int, seed: int):
@@ -65,20 +63,11 @@ def pair_config(config, shots: int, seed: int):
     return pair
 
 
-def trains(config) -> bool:
-    """Whether the configured method trains anything (zero-shot CLIP does not)."""
-    module, _, name = str(config.model.class_path).rpartition(".")
-    try:
-        return bool(getattr(getattr(importlib.import_module(module), name), "trainable", True))
-    except (ImportError, AttributeError):
-        return True  # the parser has already checked the class; assume it trains
-
-
 def plan(config, run_dir: Path) -> dict[tuple[int, int], tuple[Path | None, int | None]]:
     """Check everything before anything is written: the budget, ``--ckpt_path`` and, for every pair to
     resume, that its checkpoint was written with the same configuration. Returns ``{pair: (ckpt, step)}``."""
     ckpt_path = config.get("ckpt_path")
-    trainable = trains(config)
+    trainable = method_trains(config.model)
     if trainable:
         check_budget(config.trainer, "prompt tuning", epochs_required=True)
     RunCLI.check_run_arguments(config)
@@ -167,12 +156,11 @@ def run_pair(
     for eval_set in data.eval_sets():
         acc = accuracy(trainer, model, data, eval_set.items, eval_set.classnames, data.dataset_name)
         rows.append({**base, "eval": eval_set.name, "target": data.display_name, "accuracy": acc})
-    for target in config.targets if protocol in ("cross_dataset", "domain_generalization") else []:
-        kind, _, path = target.partition(":")
-        custom = kind.lower() in ("imagefolder", "csv") and path
+    for target in config.targets if protocol in TRANSFER else []:
+        dataset, root = target_dataset(target, config.data.root)
         target_data = FewShotDataModule(
-            dataset=kind if custom else target,
-            root=path if custom else config.data.root,
+            dataset=dataset,
+            root=root,
             num_shots=0,
             subsample="all",
             eval_batch_size=config.data.eval_batch_size,

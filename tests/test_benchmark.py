@@ -154,7 +154,9 @@ def test_official_step_times_are_those_of_this_machine_type(monkeypatch):
 
 
 def test_allocator_pairs_report_both_modes(benchmark, tmp_path):
-    result = benchmark.main(["allocator", "--quick", "--pairs", "1", "--out", str(tmp_path / "allocator.json")])
+    result = benchmark.main(
+        ["allocator", "--quick", "--pairs", "1", "--out", str(tmp_path / "allocator.json")]
+    )
     assert set(result["runs"]) == {"glibc", "retain"}
     for runs in result["runs"].values():
         assert positive_finite(runs[0]["seconds_per_step"]) and runs[0]["minor_page_faults"] >= 0

@@ -6,29 +6,23 @@ tokens and pools them to the unit-norm volume embedding of pretraining (L2-norma
 head gives the class logits. Both parts come from a ``scripts/pretrain.py`` checkpoint (``last.ckpt``, loaded
 strictly), or are randomly initialised with the same architecture for the comparison.
 
-Data: a decathlon-style JSON datalist whose ``training``/``validation``/``test`` entries are
-``{"image": path, "label": class index}`` (multi-label: a list of the positive class indices). Every volume
-and every label is validated when the data module is set up, before training.
+The volumes come from ``ssl3d.finetune.classification_data.VolumeClassificationData`` (a decathlon-style JSON
+datalist, every volume and label validated before training).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from agreement.inputs import load_torch_file
 from ssl3d.architecture import SliceModelConfig
-from ssl3d.data.sources import list_volumes
-from ssl3d.data.volumes import VolumeLoader, check_volumes
+from ssl3d.finetune.classification_data import resolve_num_classes
 from ssl3d.finetune.encoders import EncoderWeightsError, set_trainable, state_mismatches
-from ssl3d.finetune.splits import SplitsDataModule
 from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -88,19 +82,6 @@ def check_state(state: dict[str, torch.Tensor], model: nn.Module, source: str, n
         )
         # The cause and what to do come last, so that they are the last line a user sees.
         raise CheckpointWeightsError("\n".join([header, *problems, f"{source} does not fit: {action}"]))
-
-
-def resolve_num_classes(num_classes: int | None, class_names: list[str] | None, multi_label: bool) -> int:
-    """``num_classes``, or ``len(class_names)``; the two must agree when both are given."""
-    if num_classes is None:
-        if not class_names:
-            raise ValueError("give num_classes or class_names")
-        num_classes = len(class_names)
-    if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"num_classes={num_classes} but class_names has {len(class_names)}: {class_names}")
-    if num_classes < (1 if multi_label else 2):
-        raise ValueError(f"num_classes must be at least {1 if multi_label else 2}, got {num_classes}")
-    return int(num_classes)
 
 
 class VolumeClassifier(ClassificationTask):
@@ -226,168 +207,3 @@ class VolumeClassifier(ClassificationTask):
 
     def split_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         return batch["volume"], batch["label"], list(batch["name"])
-
-
-# ------------------------------------------------------------------------------------------------- data
-def read_labelled_split(
-    datalist: str | Path,
-    key: str,
-    num_classes: int,
-    multi_label: bool,
-    base_dir: str | Path | None = None,
-) -> tuple[list[Path], torch.Tensor]:
-    """Paths and targets of the ``key`` list: class indices ``(N,)`` or multi-hot ``(N, num_classes)``.
-
-    Labels are validated all at once; the error lists every bad entry.
-    """
-    datalist = Path(datalist)
-    paths = list_volumes(datalist, base_dir, key="image", split=key)
-    entries = json.loads(datalist.read_text())[key]
-    targets, bad = [], []
-    for number, entry in enumerate(entries):
-        label = entry.get("label") if isinstance(entry, dict) else None
-        indices = label if multi_label and isinstance(label, list) else [label]
-        valid = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_classes for i in indices)
-        if not valid:
-            image = entry.get("image") if isinstance(entry, dict) else entry
-            bad.append(f"entry {number} ({image}): {label!r}")
-            continue
-        if multi_label:
-            row = torch.zeros(num_classes)
-            row[indices] = 1.0
-            targets.append(row)
-        else:
-            targets.append(torch.tensor(indices[0]))
-    if bad:
-        expected = "a list of class indices" if multi_label else "a class index"
-        raise ValueError(
-            f"datalist {datalist}: {len(bad)} {key!r} entries have labels that are not {expected} in "
-            f"range({num_classes}):\n  " + "\n  ".join(bad)
-        )
-    return paths, torch.stack(targets)
-
-
-class VolumeDataset(Dataset):
-    """Validated volumes (kept in memory after :meth:`VolumeLoader.load`, or reloaded) with their targets;
-    training crops a random block of ``num_slices`` slices, evaluation the centred one."""
-
-    def __init__(
-        self, paths: list[Path], targets: torch.Tensor, loader: VolumeLoader, train: bool, cache: bool
-    ) -> None:
-        self.paths, self.targets, self.loader, self.train = paths, targets, loader, train
-        self.volumes: dict[int, torch.Tensor] = {}
-
-        def keep(position: int, path: Path, volume: torch.Tensor) -> None:
-            if cache:
-                self.volumes[position] = loader.arrange(volume)
-
-        check_volumes(paths, loader, skip_bad_files=False, on_loaded=keep)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        volume = self.volumes.get(index)
-        if volume is None:
-            volume = self.loader.load(self.paths[index])
-        rng = np.random.RandomState(int(torch.randint(0, 2**31 - 1, ()))) if self.train else None
-        name = self.paths[index].name
-        for suffix in (".nii.gz", ".nii", ".npy"):
-            name = name.removesuffix(suffix)
-        return {"volume": self.loader.fit(volume, rng), "label": self.targets[index], "name": name}
-
-
-class VolumeClassificationData(SplitsDataModule):
-    """Volumes and class labels from a decathlon-style JSON datalist.
-
-    Args:
-        datalist: JSON with ``training`` (and optionally ``validation``/``test``) lists of
-            ``{"image": path, "label": class index}``; multi-label: ``"label": [positive class indices]``.
-            Relative paths start from ``base_dir`` (default: the datalist's folder).
-        num_classes: number of classes (default: ``len(class_names)``); labels outside ``range(num_classes)``
-            are an error.
-        class_names: one name per class index (linked to the model); optional.
-        multi_label: labels are lists of positive classes.
-        slices_per_volume: slices per volume given to the model (fewer are zero-padded, more cropped: randomly
-            for training, centred otherwise). Not called ``num_slices``: that is the model's architecture
-            argument (JointSSL's, used only by ``attention_layout="code"``), and Lightning merges both hparams.
-        size: in-plane size of the slices; ``resize``: resample the whole section to it (else pad/crop).
-        slice_axis, orientation, spacing, percentiles: as :class:`~ssl3d.data.volumes.VolumeLoader`
-            (use the pretraining run's settings).
-        cache: keep the loaded volumes in memory (else they are reloaded each time; still checked up front).
-    """
-
-    def __init__(
-        self,
-        datalist: str,
-        base_dir: str | None = None,
-        train_key: str = "training",
-        val_key: str | None = "validation",
-        test_key: str | None = "test",
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
-        multi_label: bool = False,
-        slices_per_volume: int = 32,
-        size: tuple[int, int] = (64, 64),
-        resize: bool = True,
-        slice_axis: int = 2,
-        orientation: str | None = "RAS",
-        spacing: tuple[float, float, float] | None = None,
-        percentiles: tuple[float, float] = (0.5, 99.5),
-        cache: bool = True,
-        batch_size: int = 4,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        num_classes = resolve_num_classes(num_classes, class_names, multi_label)
-        self.save_hyperparameters()  # after resolving: Lightning requires equal values in model and data hparams
-        self.num_classes = int(num_classes)
-        self.loader = VolumeLoader(
-            num_slices=slices_per_volume,
-            size=size,
-            slice_axis=slice_axis,
-            orientation=orientation,
-            spacing=spacing,
-            percentiles=percentiles,
-            resize=resize,
-        )
-
-    def _keys(self) -> dict[str, str | None]:
-        hp = self.hparams
-        return {"train": hp.train_key, "val": hp.val_key, "test": hp.test_key}
-
-    def _listed(self, key: str | None) -> bool:
-        path = Path(self.hparams.datalist)
-        if key is None or not path.is_file():
-            return False
-        try:
-            return bool(json.loads(path.read_text()).get(key))
-        except json.JSONDecodeError:
-            return False
-
-    @property
-    def has_validation(self) -> bool:
-        return self._listed(self.hparams.val_key)
-
-    @property
-    def missing_test(self) -> str:
-        return f"datalist {self.hparams.datalist}: no {self.hparams.test_key!r} list to test on"
-
-    def setup(self, stage: str | None = None) -> None:
-        """Check every label, then read and validate every volume of every split (before training)."""
-        if self.splits:
-            return
-        hp = self.hparams
-        if not Path(hp.datalist).is_file():
-            raise FileNotFoundError(f"datalist not found: {hp.datalist}")
-        if not self._listed(hp.train_key):
-            raise ValueError(f"datalist {hp.datalist}: no {hp.train_key!r} list of volumes")
-        listed = {
-            split: read_labelled_split(hp.datalist, key, self.num_classes, hp.multi_label, hp.base_dir)
-            for split, key in self._keys().items()
-            if self._listed(key)
-        }
-        self.splits = {
-            split: VolumeDataset(paths, targets, self.loader, train=split == "train", cache=hp.cache)
-            for split, (paths, targets) in listed.items()
-        }

@@ -7,7 +7,8 @@ import torch
 from torchvision.io import write_png
 
 from ssl3d.export import load_state_dict_file
-from ssl3d.finetune.classification import ImageClassifier, images_from_csv
+from ssl3d.finetune.classification import ImageClassifier
+from ssl3d.finetune.classification_data import images_from_csv
 from ssl3d.finetune.cli import main
 from ssl3d.finetune.metrics import classification_metrics
 from tests.finetune.helpers import TINY_BACKBONE, make_encoder

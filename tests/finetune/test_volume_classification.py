@@ -5,13 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from ssl3d.finetune.classification_data import VolumeClassificationData
 from ssl3d.finetune.cli import main
-from ssl3d.finetune.volume_classification import (
-    CheckpointWeightsError,
-    VolumeClassificationData,
-    VolumeClassifier,
-    resolve_checkpoint,
-)
+from ssl3d.finetune.volume_classification import CheckpointWeightsError, VolumeClassifier, resolve_checkpoint
 from ssl3d.module import JointSSL
 from tests.finetune.helpers import AFFINE
 from tests.ssl3d.tiny import TINY_MODEL

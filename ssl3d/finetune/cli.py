@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -197,14 +198,17 @@ class FinetuneCLI(RunCLI):
 
 
 def _make_cli(args: list[str]) -> FinetuneCLI:
-    return FinetuneCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        args=args,
-    )
+    with warnings.catch_warnings():
+        # ``args`` are the command line's own (plus the random variant's): not the mistake Lightning warns of.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return FinetuneCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            args=args,
+        )
 
 
 def run_variant(cli: FinetuneCLI) -> dict[str, Any]:

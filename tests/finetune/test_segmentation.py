@@ -1,4 +1,6 @@
 import json
+import sys
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -97,3 +99,12 @@ def test_the_lobe_config_trains_on_mni152_and_tests_on_colin27(tmp_path):
     assert set(variant["summary"]) == {*LOBE_CLASSES, "mean (foreground)"}
     written = nib.load(str(tmp_path / "run" / "random" / "predictions" / "ch2bet.nii.gz"))
     assert written.shape == (181, 217, 181)  # Colin27's own grid
+
+
+def test_a_command_line_run_gets_no_warning_about_its_own_arguments(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--print_config"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main()
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+    assert "model:" in capsys.readouterr().out

@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torchmetrics.functional.classification import multilabel_auroc
 
-from agreement.inputs import load_torch_file
 from agreement.optional import optional_import
 from agreement.tables import markdown_table, mean_std
 from ssl3d.data.datamodule import DEMO_RESOLUTION
 from ssl3d.encoder import SliceEncoder
+from ssl3d.export import network_state, read_pretraining_checkpoint
 from ssl3d.fashion import DatasetNotFoundError
 from ssl3d.module import JointSSL
 from ssl3d.probe import _pretraining_slices, recalibrate_batchnorm
@@ -633,15 +633,10 @@ def _fresh_model(model: JointSSL, seed: int) -> JointSSL:
         return JointSSL(**arguments)
 
 
-def _network_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of a ``JointSSL`` state dict the probes use: the encoder's and the slice Transformer's."""
-    return {k: v for k, v in state.items() if k.startswith(("encoder.", "transformer."))}
-
-
 def load_networks(model: JointSSL, state: dict[str, torch.Tensor]) -> JointSSL:
     """Load the encoder and slice Transformer of a ``JointSSL`` state dict (or a Lightning checkpoint's
     ``state_dict``) into ``model``, strictly; clustering state, whose shapes depend on the data, is ignored."""
-    state = _network_state(state)
+    state = network_state(state)
     for prefix, module in (("encoder.", model.encoder), ("transformer.", model.transformer)):
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True)
@@ -650,12 +645,9 @@ def load_networks(model: JointSSL, state: dict[str, torch.Tensor]) -> JointSSL:
 
 def load_checkpoint_model(path: str | Path) -> JointSSL:
     """A ``JointSSL`` with the hyperparameters and networks of a Lightning checkpoint (``weights_only``)."""
-    checkpoint = load_torch_file(path, "pretraining checkpoint")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    arguments = _init_arguments(checkpoint.get("hyper_parameters") or {})
+    state, hyperparameters = read_pretraining_checkpoint(path)
     try:
-        return load_networks(JointSSL(**arguments), checkpoint["state_dict"])
+        return load_networks(JointSSL(**_init_arguments(hyperparameters)), state)
     except RuntimeError as error:
         raise ValueError(
             f"{path}: its networks do not fit its hyperparameters ({str(error).splitlines()[0]})"
@@ -663,8 +655,8 @@ def load_checkpoint_model(path: str | Path) -> JointSSL:
 
 
 def _same_networks(model: JointSSL, state: dict[str, torch.Tensor]) -> bool:
-    current = _network_state(model.state_dict())
-    state = _network_state(state)
+    current = network_state(model.state_dict())
+    state = network_state(state)
     return current.keys() == state.keys() and all(torch.equal(current[k], state[k].cpu()) for k in current)
 
 
@@ -711,7 +703,7 @@ def compare_with_random(
         raise ValueError("compare_with_random needs at least one random seed (three or more for a verdict)")
     started = time.perf_counter()
     # A CPU copy of the networks, not of the LightningModule (which may hold its trainer).
-    networks = {k: v.detach().cpu() for k, v in _network_state(model.state_dict()).items()}
+    networks = {k: v.detach().cpu() for k, v in network_state(model.state_dict()).items()}
     per_region: dict[str, dict[str, float]] = {}
     pretrained = _probe_model(load_networks(_fresh_model(model, 0), networks), data, volume, per_region)
     randoms: list[dict[str, float]] = []
@@ -848,7 +840,7 @@ def compare_runs(
     random_results = {seed: _probe_model(_fresh_model(template, seed), data, volume) for seed in seeds}
     pretrained_results = []
     for run in runs:
-        networks = {k: v.detach().cpu() for k, v in _network_state(run.model.state_dict()).items()}
+        networks = {k: v.detach().cpu() for k, v in network_state(run.model.state_dict()).items()}
         try:
             model = load_networks(_fresh_model(template, 0), networks)
         except RuntimeError as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -31,6 +32,29 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
     return state
+
+
+NETWORK_PREFIXES = ("encoder.", "transformer.")
+
+
+def network_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a ``JointSSL`` state dict that are its networks (slice encoder and slice Transformer), not
+    the clustering state, whose shapes depend on the data."""
+    return {key: value for key, value in state.items() if key.startswith(NETWORK_PREFIXES)}
+
+
+def read_pretraining_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The networks' state dict (:func:`network_state`, prefixes kept) and the ``hyper_parameters`` of a
+    ``scripts/pretrain.py`` checkpoint, read with ``weights_only=True``."""
+    checkpoint = load_torch_file(path, what="pretraining checkpoint")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    state = network_state(checkpoint["state_dict"])
+    if not state:
+        raise ValueError(
+            f"{path}: the state dict has no encoder.* or transformer.* weights (not a JointSSL run)"
+        )
+    return state, dict(checkpoint.get("hyper_parameters") or {})
 
 
 def export_encoder(

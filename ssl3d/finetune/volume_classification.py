@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from agreement.inputs import load_torch_file
 from ssl3d.architecture import SliceModelConfig
+from ssl3d.export import read_pretraining_checkpoint
 from ssl3d.finetune.classification_data import resolve_num_classes
 from ssl3d.finetune.encoders import EncoderWeightsError, set_trainable, state_mismatches
 from ssl3d.finetune.task import ClassificationTask
@@ -49,25 +49,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"{path}: no {' or '.join(CHECKPOINT_NAMES)}; volume classification needs the whole pretraining "
         "checkpoint (slice encoder and slice Transformer), not only the exported encoder"
     )
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The ``encoder.*``/``transformer.*`` state dict (prefixes kept) and ``hyper_parameters`` of a JointSSL
-    checkpoint, read with ``weights_only=True``."""
-    path = resolve_checkpoint(path)
-    checkpoint = load_torch_file(path, what="pretraining checkpoint")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    state = {
-        key: value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith(("encoder.", "transformer."))
-    }
-    if not state:
-        raise ValueError(
-            f"{path}: the state dict has no encoder.* or transformer.* weights (not a JointSSL run)"
-        )
-    return state, dict(checkpoint.get("hyper_parameters") or {})
 
 
 def check_state(state: dict[str, torch.Tensor], model: nn.Module, source: str, note: str = "") -> None:
@@ -137,7 +118,9 @@ class VolumeClassifier(ClassificationTask):
 
         names = SliceModelConfig.names()
         given = {name: getattr(self.hparams, name) for name in names}
-        state, source_hparams = (None, {}) if encoder is None else read_checkpoint(encoder)
+        state, source_hparams = (
+            (None, {}) if encoder is None else read_pretraining_checkpoint(resolve_checkpoint(encoder))
+        )
         # Given arguments first, then the checkpoint's, then the defaults (JointSSL's).
         base = SliceModelConfig.from_mapping(source_hparams).as_dict()
         self.architecture = SliceModelConfig(

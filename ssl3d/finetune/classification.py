@@ -14,7 +14,6 @@ import torch
 from ssl3d.finetune.encoders import (
     create_timm_encoder,
     load_encoder_weights,
-    set_trainable,
 )
 from ssl3d.finetune.task import ClassificationTask
 
@@ -56,7 +55,7 @@ class ImageClassifier(ClassificationTask):
         else:
             log.info("encoder %s is randomly initialised (no encoder file given)", backbone)
         if freeze_encoder:
-            set_trainable(self.model, False)
+            self.freeze(self.model)
         self.model.reset_classifier(len(self.class_names))
 
     def setup(self, stage: str) -> None:
@@ -67,9 +66,6 @@ class ImageClassifier(ClassificationTask):
 
     def head_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.get_classifier().parameters())
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.model] if self.hparams.freeze_encoder else []
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()

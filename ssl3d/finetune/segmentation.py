@@ -21,7 +21,7 @@ from monai.networks.nets import FlexibleUNet
 from torchmetrics import MeanMetric
 
 from agreement.dist import all_gather_objects
-from ssl3d.finetune.encoders import register_timm_backbone, set_trainable
+from ssl3d.finetune.encoders import register_timm_backbone
 from ssl3d.finetune.metrics import mean_over_classes, volume_metrics
 from ssl3d.finetune.seg_data import CaseData
 from ssl3d.finetune.task import FinetuneTask
@@ -99,7 +99,7 @@ class SegmentationTask(FinetuneTask):
         else:
             log.info("encoder %s is randomly initialised (no encoder file given)", backbone)
         if freeze_encoder:
-            set_trainable(self.net.encoder, False)
+            self.freeze(self.net.encoder)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
         # per-volume means over the validation cases of every process (a case without foreground is left out)
         self.val_iou_3d = MeanMetric(nan_strategy="ignore")
@@ -127,9 +127,6 @@ class SegmentationTask(FinetuneTask):
 
     def encoder_backbone(self) -> torch.nn.Module:
         return self.net.encoder.model
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.net.encoder] if self.hparams.freeze_encoder else []
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agreement.dist import all_gather_objects
-from ssl3d.finetune.encoders import encoder_param_groups
+from ssl3d.finetune.encoders import encoder_param_groups, set_trainable
 from ssl3d.finetune.metrics import EpochOutputs, classification_metrics
 from ssl3d.finetune.optim import Optimizer, build_optimizer, scheduler_config, steps_per_epoch
 
@@ -25,9 +25,9 @@ class FinetuneTask(pl.LightningModule):
 
     The optimizer puts the encoder's parameters in layer-decayed groups (``layer_decay``; timm's BEiT/MAE recipe)
     and every other trainable parameter at the base ``lr``; the schedule is a warm-up of ``warmup_epochs`` then
-    a cosine decay over the run. Subclasses give ``encoder_backbone()`` (the timm model), and may name
-    ``head_parameters()`` inside it that train at the base rate, and ``frozen_modules()`` kept in eval mode
-    (no BatchNorm drift) while training. Subclasses forward these settings as ``**kwargs``.
+    a cosine decay over the run. Subclasses give ``encoder_backbone()`` (the timm model), may name
+    ``head_parameters()`` inside it that train at the base rate, and :meth:`freeze` the parts that do not train.
+    Subclasses forward these settings as ``**kwargs``.
 
     Args:
         layer_decay: layer-wise learning-rate decay of the encoder (e.g. 0.75); ``None`` for none.
@@ -46,6 +46,13 @@ class FinetuneTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self._frozen: list[nn.Module] = []  # a plain list: the modules stay registered where they live
+
+    def freeze(self, *modules: nn.Module) -> None:
+        """Train without ``modules``: no gradients, and eval mode in every training epoch (no BatchNorm drift)."""
+        for module in modules:
+            set_trainable(module, False)
+            self._frozen.append(module)
 
     def encoder_backbone(self) -> nn.Module:
         raise NotImplementedError
@@ -53,11 +60,8 @@ class FinetuneTask(pl.LightningModule):
     def head_parameters(self) -> list[nn.Parameter]:
         return []
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return []
-
     def on_train_epoch_start(self) -> None:
-        for module in self.frozen_modules():
+        for module in self._frozen:
             module.eval()
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from torch import nn
 from ssl3d.architecture import SliceModelConfig
 from ssl3d.export import read_pretraining_checkpoint
 from ssl3d.finetune.classification_data import resolve_num_classes
-from ssl3d.finetune.encoders import EncoderWeightsError, set_trainable, state_mismatches
+from ssl3d.finetune.encoders import EncoderWeightsError, state_mismatches
 from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,7 @@ class VolumeClassifier(ClassificationTask):
             self._load_pretrained(state, source_hparams, given, resolve_checkpoint(encoder))
         else:
             log.info("volume classifier randomly initialised: %s", self.architecture)
-        if freeze_encoder:
-            set_trainable(self.encoder, False)
-        if freeze_transformer:
-            set_trainable(self.transformer, False)
+        self.freeze(*[self.encoder] * freeze_encoder, *[self.transformer] * freeze_transformer)
         self.head = nn.Linear(self.architecture.d_model, self.num_classes)
 
     def _load_pretrained(
@@ -183,10 +180,6 @@ class VolumeClassifier(ClassificationTask):
 
     def encoder_backbone(self) -> nn.Module:
         return self.encoder.backbone
-
-    def frozen_modules(self) -> list[nn.Module]:
-        hp = self.hparams
-        return [self.encoder] * hp.freeze_encoder + [self.transformer] * hp.freeze_transformer
 
     def split_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         return batch["volume"], batch["label"], list(batch["name"])

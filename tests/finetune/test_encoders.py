@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ssl3d.export import load_state_dict_file
+from ssl3d.finetune.classification import ImageClassifier
 from ssl3d.finetune.encoders import EncoderWeightsError, encoder_param_groups, register_timm_backbone
 from ssl3d.finetune.segmentation import SegmentationTask
 from tests.finetune.helpers import TINY_BACKBONE, make_encoder
@@ -84,3 +85,19 @@ def test_freeze_encoder_trains_only_the_decoder():
     task = SegmentationTask(backbone=TINY_BACKBONE, class_names=["bg", "a"], freeze_encoder=True)
     assert not any(p.requires_grad for p in task.net.encoder.parameters())
     assert all(p.requires_grad for p in task.net.decoder.parameters())
+
+
+def test_frozen_parts_stay_in_eval_mode_while_the_rest_trains():
+    task = SegmentationTask(backbone=TINY_BACKBONE, class_names=["bg", "a"], freeze_encoder=True)
+    task.train()
+    task.on_train_epoch_start()
+    assert not any(m.training for m in task.net.encoder.modules())  # no BatchNorm drift
+    assert task.net.decoder.training
+    classifier = ImageClassifier(backbone=TINY_BACKBONE, class_names=["a", "b"], freeze_encoder=True)
+    classifier.train()
+    classifier.on_train_epoch_start()
+    assert not classifier.model.conv_stem.training and classifier.model.get_classifier().training
+    trained = SegmentationTask(backbone=TINY_BACKBONE, class_names=["bg", "a"])
+    trained.train()
+    trained.on_train_epoch_start()
+    assert all(m.training for m in trained.modules())

@@ -170,32 +170,44 @@ def check_budget(trainer: Mapping[str, Any], what: str = "training", epochs_requ
         raise ValueError(f"impossible {what} budget: " + "; ".join(problems))
 
 
-def resolve_checkpoint(
-    ckpt_path: str | Path | None, run_dir: str | Path | None
-) -> tuple[Path | None, Path | None]:
-    """Return ``(checkpoint, run_dir)`` for ``--ckpt_path`` and ``--run_dir``.
-
-    ``last`` is ``<run_dir>/checkpoints/last.ckpt`` and needs ``run_dir``; a file inside ``<run>/checkpoints/``
-    continues that run folder unless ``run_dir`` names another one. A missing file is a ``FileNotFoundError``.
-    """
+def checkpoint_run_dir(
+    ckpt_path: str | Path | None, run_dir: str | Path | None, levels: int = 0
+) -> str | None:
+    """The run folder that ``--ckpt_path`` and ``--run_dir`` name, checked: ``last`` needs ``run_dir``, a file must
+    exist, and a file in ``<run>/<levels sub-folders>/checkpoints/`` continues that run unless ``run_dir`` names
+    another one (``levels``: 0 for a run with one training, 1 for a run of several, e.g. one per seed)."""
     if ckpt_path is None or str(ckpt_path) == "":
-        return None, None if run_dir is None else Path(run_dir)
+        return None if run_dir is None else str(run_dir)
     if str(ckpt_path) == "last":
         if run_dir is None:
             raise ValueError("--ckpt_path last resumes the run in --run_dir: give --run_dir <run folder>")
-        path = Path(run_dir) / CHECKPOINT_DIR / LAST
+        return str(run_dir)
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+    if run_dir is None and path.parent.name == CHECKPOINT_DIR:
+        return str(path.parents[1 + levels])
+    return None if run_dir is None else str(run_dir)
+
+
+def resolve_checkpoint(
+    ckpt_path: str | Path | None, run_dir: str | Path | None
+) -> tuple[Path | None, Path | None]:
+    """Return ``(checkpoint, run_dir)`` for ``--ckpt_path`` and ``--run_dir`` of a run with one training
+    (:func:`checkpoint_run_dir`): ``last`` is ``<run_dir>/checkpoints/last.ckpt``, which must exist."""
+    found = checkpoint_run_dir(ckpt_path, run_dir)
+    run_dir = None if found is None else Path(found)
+    if ckpt_path is None or str(ckpt_path) == "":
+        return None, run_dir
+    if str(ckpt_path) == "last":
+        path = run_dir / CHECKPOINT_DIR / LAST
         if not path.is_file():
             raise FileNotFoundError(
                 f"--ckpt_path last: {path} does not exist, so there is nothing to resume in {run_dir}; "
                 "drop --ckpt_path to start a new run"
             )
-        return path, Path(run_dir)
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
-    if run_dir is None and path.parent.name == CHECKPOINT_DIR:
-        run_dir = path.parent.parent
-    return path, None if run_dir is None else Path(run_dir)
+        return path, run_dir
+    return Path(ckpt_path), run_dir
 
 
 def refuse_to_overwrite(run_dir: str | Path, resume_command: str = "--ckpt_path last") -> None:

@@ -20,11 +20,11 @@ import pytorch_lightning as pl
 
 from agreement import dist
 from agreement.runs import (
-    CHECKPOINT_DIR,
     MAY_DIFFER_ON_RESUME,
     RunCLI,
     check_budget,
     check_resume_config,
+    checkpoint_run_dir,
     fit_run,
     flatten_config,
     last_checkpoint,
@@ -73,14 +73,11 @@ def plan(config, run_dir: Path) -> dict[tuple[int, int], tuple[Path | None, int 
     RunCLI.check_run_arguments(config)
     todo = pairs(config)
     single_file = ckpt_path not in (None, "last")
-    if single_file:
-        if len(todo) != 1:
-            raise ValueError(
-                f"--ckpt_path {ckpt_path}: this protocol trains {len(todo)} (shots, seed) pairs; resume them "
-                f"all with --ckpt_path last --run_dir {run_dir}"
-            )
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    if single_file and len(todo) != 1:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: this protocol trains {len(todo)} (shots, seed) pairs; resume them "
+            f"all with --ckpt_path last --run_dir {run_dir}"
+        )
     if ckpt_path == "last" and not run_dir.is_dir():
         raise FileNotFoundError(f"--ckpt_path last: there is no run to resume in {run_dir}")
     result = {}
@@ -181,14 +178,10 @@ def run_protocol(config, build: Build, save_config: Callable[[Path], None]) -> d
     """Check the inputs and the plan, then train and evaluate every pair and write the results; ``save_config``
     writes the resolved configuration into the run folder it is given."""
     check_protocol_inputs(config)  # before the run folder exists: bad input leaves nothing behind
-    configured = config.get("run_dir")
-    ckpt_path = config.get("ckpt_path")
-    if configured is None and ckpt_path == "last":
-        raise ValueError("--ckpt_path last resumes the run in --run_dir: give --run_dir <run folder>")
-    if configured is None and ckpt_path is not None and Path(ckpt_path).parent.name == CHECKPOINT_DIR:
-        # <run>/shots<K>_seed<S>/checkpoints/<file>: continue that run
-        configured = str(Path(ckpt_path).parents[2])
-    run_dir = run_folder(configured, "fewshot")
+    # <run>/shots<K>_seed<S>/checkpoints/<file>
+    run_dir = run_folder(
+        checkpoint_run_dir(config.get("ckpt_path"), config.get("run_dir"), levels=1), "fewshot"
+    )
     planned = plan(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main_process():

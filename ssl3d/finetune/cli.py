@@ -36,6 +36,7 @@ from agreement.runs import (
     check_budget,
     check_resume_config,
     checkpoint_info,
+    checkpoint_run_dir,
     fit_run,
     flatten_config,
     is_unfinished,
@@ -123,15 +124,8 @@ class FinetuneCLI(RunCLI):
         self.check_run_arguments(config)
         model_args = config["model"]["init_args"]
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path not in (None, "last"):
-            file = Path(ckpt_path)
-            if not file.is_file():
-                raise FileNotFoundError(f"--ckpt_path {file}: no such checkpoint file")
-            if config["run_dir"] is None and file.parent.name == CHECKPOINT_DIR:
-                config["run_dir"] = str(file.parents[2])  # <run>/<initialisation>/checkpoints/<file>
-        if ckpt_path == "last" and config["run_dir"] is None:
-            raise ValueError("--ckpt_path last resumes the run in --run_dir: give --run_dir <run folder>")
-        parent = run_folder(config["run_dir"], "finetune")
+        # <run>/<initialisation>/checkpoints/<file>
+        parent = run_folder(checkpoint_run_dir(ckpt_path, config["run_dir"], levels=1), "finetune")
         config["run_dir"] = str(parent)
         variant = config["variant"] or ("pretrained" if model_args.get("encoder") else "random")
         # main() runs the random-weights comparison with --variant after the first one has written its folder.

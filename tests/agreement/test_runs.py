@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from jsonargparse import ArgumentParser
 
-from agreement.runs import RunLogger, run_folder, save_config, write_summary
+from agreement.runs import RunLogger, checkpoint_run_dir, run_folder, save_config, write_summary
 
 
 def test_a_new_run_logs_into_its_folder_without_a_false_warning(tmp_path):
@@ -44,3 +44,19 @@ def test_save_config_writes_the_resolved_configuration(tmp_path):
     assert parser.parse_path(path).seed == 4
     save_config(parser, parser.parse_args(["--seed", "5"]), tmp_path / "run")  # a repeated run replaces it
     assert parser.parse_path(path).seed == 5
+
+
+def test_checkpoint_run_dir_finds_the_run_a_checkpoint_belongs_to(tmp_path):
+    single = tmp_path / "pretrain" / "checkpoints" / "step=4.ckpt"
+    nested = tmp_path / "fewshot" / "shots1_seed1" / "checkpoints" / "last.ckpt"
+    for path in (single, nested):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+    assert checkpoint_run_dir(single, None) == str(tmp_path / "pretrain")
+    assert checkpoint_run_dir(nested, None, levels=1) == str(tmp_path / "fewshot")
+    assert checkpoint_run_dir(nested, tmp_path / "elsewhere", levels=1) == str(tmp_path / "elsewhere")
+    assert checkpoint_run_dir(None, None) is None and checkpoint_run_dir("last", tmp_path) == str(tmp_path)
+    with pytest.raises(ValueError, match="give --run_dir"):
+        checkpoint_run_dir("last", None)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        checkpoint_run_dir(tmp_path / "missing.ckpt", None)

@@ -79,19 +79,44 @@ def export_encoder(
     return weights
 
 
-def load_exported_encoder(path: str | Path) -> nn.Module:
-    """Rebuild the timm model described next to ``path`` (a folder or its ``encoder.safetensors``), strictly."""
+def resolve_encoder_file(path: str | Path) -> tuple[Path, dict]:
+    """The weights file of an exported encoder (its folder, the file, or the run folder that holds ``encoder/``)
+    and its ``encoder.json`` metadata.
+
+    A bare state-dict file without ``encoder.json`` is accepted; its metadata is then empty.
+    """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"encoder weights not found: {path}")
+    if (
+        path.is_dir()
+        and not (path / "encoder.json").is_file()
+        and (path / "encoder" / "encoder.json").is_file()
+    ):
+        path = path / "encoder"  # a pretraining or fine-tuning run folder
     folder = path if path.is_dir() else path.parent
     metadata_file = folder / "encoder.json"
-    if not metadata_file.is_file():
-        raise FileNotFoundError(f"{metadata_file} is missing; it says which timm model the weights belong to")
-    metadata = json.loads(metadata_file.read_text())
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    if path.is_dir():
+        if not metadata:
+            raise FileNotFoundError(f"{path} holds no encoder.json; pass the weights file itself")
+        return folder / metadata.get("weights", "encoder.safetensors"), metadata
+    return path, metadata
+
+
+def load_exported_encoder(path: str | Path) -> nn.Module:
+    """Rebuild the timm model an exported encoder describes (``path`` as for :func:`resolve_encoder_file`) and
+    load its weights strictly."""
+    weights, metadata = resolve_encoder_file(path)
+    if not metadata:
+        raise FileNotFoundError(
+            f"{weights}: no encoder.json beside it to say which timm model the weights belong to"
+        )
     model = timm.create_model(
         metadata["timm_model"],
         pretrained=False,
         in_chans=metadata["in_chans"],
         num_classes=metadata["num_classes"],
     )
-    model.load_state_dict(load_state_dict_file(folder / metadata["weights"]), strict=True)
+    model.load_state_dict(load_state_dict_file(weights), strict=True)
     return model

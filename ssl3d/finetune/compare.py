@@ -49,6 +49,7 @@ import torch
 
 from agreement.runs import run_folder
 from agreement.tables import markdown_table, mean_std
+from ssl3d.export import resolve_encoder_file
 from ssl3d.probe import recalibrate_batchnorm
 from ssl3d.report import read_metrics, save_figure
 
@@ -286,16 +287,14 @@ def resolve_encoder_dir(encoder: str, pretrain_root: str | Path = "runs/pretrain
     if encoder == LATEST:
         return Path(resolve_encoder(LATEST, [], root=pretrain_root))
     path = Path(encoder)
-    if path.is_dir() and (path / "encoder" / "encoder.json").is_file():
-        path = path / "encoder"
     if not path.exists():
         raise ValueError(f"--encoder {encoder}: no such pretraining run, encoder folder or weights file")
-    return path.resolve()
+    weights, _ = resolve_encoder_file(path)
+    return (weights.parent if path.is_dir() else weights).resolve()
 
 
 def _backbone_of(encoder: Path) -> str | None:
-    metadata = (encoder if encoder.is_dir() else encoder.parent) / "encoder.json"
-    return json.loads(metadata.read_text()).get("timm_model") if metadata.is_file() else None
+    return resolve_encoder_file(encoder)[1].get("timm_model")
 
 
 def arm_arguments(

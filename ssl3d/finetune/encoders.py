@@ -7,7 +7,6 @@ classifiers), so an exported file loads with ``strict=True`` and keys keep their
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
@@ -18,7 +17,7 @@ from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import nn
 
 from ssl3d.encoder import create_backbone
-from ssl3d.export import export_encoder, load_state_dict_file
+from ssl3d.export import export_encoder, load_state_dict_file, resolve_encoder_file
 
 BACKBONE_PREFIX = "timm-"
 
@@ -33,31 +32,6 @@ def create_timm_encoder(model_name: str, in_chans: int = 1) -> nn.Module:
         return create_backbone(model_name, in_chans)
     except RuntimeError as error:  # timm's "Unknown model" error
         raise ValueError(f"unknown timm model {model_name!r}: {error}") from error
-
-
-def resolve_encoder_file(path: str | Path) -> tuple[Path, dict]:
-    """The weights file of an exported encoder (its folder, the file, or the run folder that holds ``encoder/``)
-    and its ``encoder.json`` metadata.
-
-    A bare state-dict file without ``encoder.json`` is accepted; its metadata is then empty.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"encoder weights not found: {path}")
-    if (
-        path.is_dir()
-        and not (path / "encoder.json").is_file()
-        and (path / "encoder" / "encoder.json").is_file()
-    ):
-        path = path / "encoder"  # a pretraining or fine-tuning run folder
-    folder = path if path.is_dir() else path.parent
-    metadata_file = folder / "encoder.json"
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
-    if path.is_dir():
-        if not metadata:
-            raise FileNotFoundError(f"{path} holds no encoder.json; pass the weights file itself")
-        return folder / metadata.get("weights", "encoder.safetensors"), metadata
-    return path, metadata
 
 
 def _key_report(keys: Iterable[str], limit: int = 12) -> str:

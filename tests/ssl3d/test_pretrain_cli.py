@@ -50,6 +50,12 @@ def test_demo_pipeline_writes_the_whole_run_folder(tmp_path, capsys):
     encoder = load_exported_encoder(run_dir / "encoder")
     exported = load_state_dict_file(run_dir / "encoder" / "encoder.safetensors")
     assert set(exported) == set(encoder.state_dict())
+    from_run = load_exported_encoder(run_dir)  # the run folder and the weights file name the same encoder
+    from_file = load_exported_encoder(run_dir / "encoder" / "encoder.safetensors")
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, from_run.state_dict()[key]) and torch.equal(
+            value, from_file.state_dict()[key]
+        )
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     for key, value in exported.items():
         torch.testing.assert_close(value, checkpoint["state_dict"][f"encoder.backbone.{key}"])

@@ -29,7 +29,7 @@ import numpy as np
 from agreement.tables import format_mean_std, markdown_table, mean_std
 from entities.metrics import evaluate, evaluate_expected
 from entities.names import Gazetteer
-from entities.pipeline import discover, names_to_ids
+from entities.pipeline import DiscoveryOptions, discover, names_to_ids
 from entities.stages import (
     agree_on_names,
     cluster_name_graph,
@@ -121,9 +121,8 @@ def evaluate_episode(regime: str, seed: int, options: dict[str, Any] | None = No
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # names outside the cast are expected here
-        ours = discover(
-            records.embeddings, records.weak_names, records.frames, gazetteer, seed=seed, **(options or {})
-        )
+        settings = DiscoveryOptions().updated(**(options or {}))
+        ours = discover(records.embeddings, records.weak_names, records.frames, gazetteer, settings, seed=seed)
     return {
         "regime": regime,
         "seed": seed,

@@ -671,6 +671,24 @@ def beats_random(pretrained: float, random_values: Sequence[float], higher_bette
     return bool(sign * (pretrained - values).min() > 0 and gain > SPREAD_STDS * values.std(ddof=1))
 
 
+def random_comparison(
+    pretrained: float, random_values: Sequence[float], higher_better: bool = True
+) -> dict[str, Any]:
+    """One metric of a pretrained network against random initialisations: ``pretrained``, ``random mean``,
+    ``random std`` (sample), ``random values``, ``gain`` (signed so that positive is better) and ``beats random
+    beyond spread`` (:func:`beats_random`)."""
+    values = [float(v) for v in random_values]
+    mean, std = mean_std(values)
+    return {
+        "pretrained": pretrained,
+        "random mean": mean,
+        "random std": std,
+        "random values": values,
+        "gain": (pretrained - mean) if higher_better else (mean - pretrained),
+        "beats random beyond spread": beats_random(pretrained, values, higher_better),
+    }
+
+
 def _baselines_of(baselines: dict[str, float], metric: str) -> dict[str, float]:
     """The raw-intensity baselines of ``metric``'s probe, by feature name."""
     probe = metric.rsplit(" / ", 1)[-1]
@@ -720,17 +738,13 @@ def compare_with_random(
     rows = []
     for metric, value in pretrained.items():
         higher = higher_is_better(metric)
-        values = [r[metric] for r in randoms]
         rows.append(
             {
                 "metric": metric,
                 "higher is better": higher,
-                "pretrained": value,
-                **dict(zip(("random mean", "random std"), mean_std(values))),
-                "random values": values,
+                **random_comparison(value, [r[metric] for r in randoms], higher),
                 "initial": None if initial is None else initial[metric],
                 "paired difference": None if initial is None else value - initial[metric],
-                "beats random beyond spread": beats_random(value, values, higher),
                 "baselines": _baselines_of(baselines, metric),
             }
         )

@@ -210,12 +210,15 @@ def resolve_checkpoint(
     return Path(ckpt_path), run_dir
 
 
-def refuse_to_overwrite(run_dir: str | Path, resume_command: str = "--ckpt_path last") -> None:
-    """A new run must not overwrite the checkpoints of another one in the same folder."""
-    found = last_checkpoint(run_dir)
-    if found is not None:
+def refuse_to_overwrite(run_dir: str | Path, sub_runs: str | None = None) -> None:
+    """A new run must not overwrite the checkpoints of another one in the same folder: ``last.ckpt`` of the run, or
+    with ``sub_runs`` (a pattern such as ``"*"``) of its sub-run folders that match (e.g. one per seed)."""
+    pattern = f"{CHECKPOINT_DIR}/{LAST}" if sub_runs is None else f"{sub_runs}/{CHECKPOINT_DIR}/{LAST}"
+    found = sorted(Path(run_dir).glob(pattern))
+    if found:
         raise FileExistsError(
-            f"{run_dir} already holds a run ({found}); resume it with {resume_command}, or give another --run_dir"
+            f"{run_dir} already holds a run ({found[0]}); resume it with --ckpt_path last --run_dir {run_dir}, or "
+            "give another --run_dir"
         )
 
 

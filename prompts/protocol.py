@@ -30,6 +30,7 @@ from agreement.runs import (
     last_checkpoint,
     mark_finished,
     mark_unfinished,
+    refuse_to_overwrite,
     run_folder,
 )
 from agreement.tables import format_mean_std, markdown_table, mean_std
@@ -80,16 +81,13 @@ def plan(config, run_dir: Path) -> dict[tuple[int, int], tuple[Path | None, int 
         )
     if ckpt_path == "last" and not run_dir.is_dir():
         raise FileNotFoundError(f"--ckpt_path last: there is no run to resume in {run_dir}")
+    if ckpt_path is None and trainable:
+        refuse_to_overwrite(run_dir, sub_runs="*")
     result = {}
     for shots, seed in todo:
         folder = run_dir / f"shots{shots}_seed{seed}"
         found = last_checkpoint(folder)
         checkpoint = Path(ckpt_path) if single_file else (found if ckpt_path == "last" else None)
-        if ckpt_path is None and found is not None and trainable:
-            raise FileExistsError(
-                f"{run_dir} already holds a run ({found}); resume it with --ckpt_path last --run_dir {run_dir}, "
-                "or give another --run_dir"
-            )
         step = None
         if checkpoint is not None and trainable:
             hint = (

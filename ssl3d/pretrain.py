@@ -94,7 +94,7 @@ class PretrainCLI(RunCLI):
         self.checkpoint: Path | None = checkpoint
         self.resume_step: int | None = None
         if checkpoint is None:
-            refuse_to_overwrite(run_dir, f"--ckpt_path last --run_dir {run_dir}")
+            refuse_to_overwrite(run_dir)
         else:
             hint = (
                 f"Resume with the configuration the run was started with: {resume_command(run_dir)}; "

@@ -30,7 +30,6 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from agreement.inputs import report_root_cause
 from agreement.runs import (
     CHECKPOINT_DIR,
-    LAST,
     MAY_DIFFER_ON_RESUME,
     RunCLI,
     check_budget,
@@ -42,6 +41,7 @@ from agreement.runs import (
     is_unfinished,
     last_checkpoint,
     mark_finished,
+    refuse_to_overwrite,
     run_folder,
     write_summary,
 )
@@ -157,13 +157,7 @@ class FinetuneCLI(RunCLI):
         ``folder`` or, with ``siblings``, in any initialisation's folder of the run)."""
         found = last_checkpoint(folder)
         if ckpt_path is None:
-            pattern = f"*/{CHECKPOINT_DIR}/{LAST}" if siblings else f"{folder.name}/{CHECKPOINT_DIR}/{LAST}"
-            others = sorted(folder.parent.glob(pattern)) if folder.parent.is_dir() else []
-            if others:
-                raise FileExistsError(
-                    f"{folder.parent} already holds a run ({others[0]}); resume it with --ckpt_path last "
-                    f"--run_dir {folder.parent}, or give another --run_dir"
-                )
+            refuse_to_overwrite(folder.parent, sub_runs="*" if siblings else folder.name)
             return None
         if ckpt_path != "last" and Path(ckpt_path).resolve().parent.parent == folder.resolve():
             return Path(ckpt_path)

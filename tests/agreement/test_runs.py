@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 from jsonargparse import ArgumentParser
 
-from agreement.runs import RunLogger, checkpoint_run_dir, run_folder, save_config, write_summary
+from agreement.runs import (
+    RunLogger,
+    checkpoint_run_dir,
+    refuse_to_overwrite,
+    run_folder,
+    save_config,
+    write_summary,
+)
 
 
 def test_a_new_run_logs_into_its_folder_without_a_false_warning(tmp_path):
@@ -60,3 +67,16 @@ def test_checkpoint_run_dir_finds_the_run_a_checkpoint_belongs_to(tmp_path):
         checkpoint_run_dir("last", None)
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         checkpoint_run_dir(tmp_path / "missing.ckpt", None)
+
+
+def test_refuse_to_overwrite_looks_in_the_run_or_its_sub_runs(tmp_path):
+    refuse_to_overwrite(tmp_path / "new")  # nothing there yet
+    nested = tmp_path / "run" / "shots1_seed2" / "checkpoints" / "last.ckpt"
+    nested.parent.mkdir(parents=True)
+    nested.write_bytes(b"")
+    refuse_to_overwrite(tmp_path / "run")  # no last.ckpt of the run itself
+    refuse_to_overwrite(tmp_path / "run", sub_runs="random")
+    with pytest.raises(
+        FileExistsError, match=r"shots1_seed2.*--ckpt_path last --run_dir .*run, or give another"
+    ):
+        refuse_to_overwrite(tmp_path / "run", sub_runs="*")

@@ -333,3 +333,23 @@ def test_compare_runs_pairs_each_run_with_its_own_initialisation(data, tiny_mode
     other = JointSSL(**{**TINY_MODEL, "d_model": 48})
     with pytest.raises(ValueError, match="run9: its networks do not fit the architecture of run1"):
         cs.compare_runs([runs[0], cs.PretrainedRun("run9", other, 9)], 2, data, volume=False)
+
+
+def test_presence_auroc_is_scikit_learns_on_the_same_fits():
+    """The fitted scores scored exactly (float64), one region as several."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    train, test = rng.normal(size=(80, 6)), rng.normal(size=(50, 6))
+    train_p, test_p = train[:, :3] + rng.normal(size=(80, 3)) > 0, test[:, :3] + rng.normal(size=(50, 3)) > 0
+    macro, per_region = cs.presence_auroc(train, train_p, test, test_p)
+    train_s, test_s = cs._standardise(train, test)
+    _, _, basis = np.linalg.svd(train_s, full_matrices=False)
+    for column in range(3):
+        model = linear_model.LogisticRegression(C=cs.LOGISTIC_C, solver="liblinear", intercept_scaling=100.0)
+        scores = model.fit(train_s @ basis.T, train_p[:, column]).decision_function(test_s @ basis.T)
+        expected = metrics.roc_auc_score(test_p[:, column], scores)
+        assert per_region[str(column)] == pytest.approx(expected, abs=1e-12)
+    assert macro == pytest.approx(np.mean(list(per_region.values())), abs=1e-12)
+    single, one = cs.presence_auroc(train, train_p[:, :1], test, test_p[:, :1])
+    assert list(one) == ["0"] and single == pytest.approx(per_region["0"], abs=1e-12)

@@ -27,7 +27,7 @@ from agreement.clustering import ClusteringHead, DeepClusterV2Clustering, SwAVCl
 from agreement.losses import masked_embedding_regression
 from agreement.optim import build_optimizer, parameter_groups, scaled_lr
 from agreement.prototypes import ProjectionHead
-from agreement.schedules import WarmupCosineSchedule
+from agreement.schedules import WarmupCosineSchedule, steps_per_epoch
 from ssl3d.architecture import SliceModelConfig
 from ssl3d.attention import MaskedSliceModel, random_slice_mask
 from ssl3d.rng import rng_state, set_rng_state
@@ -407,8 +407,7 @@ class JointSSL(pl.LightningModule):
             momentum=hp.momentum,
             trust_coefficient=hp.trust_coefficient,
         )
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
+        warmup_steps = round(hp.warmup_epochs * steps_per_epoch(self.trainer))
         scheduler = WarmupCosineSchedule(optimizer, warmup_steps, total_steps, hp.final_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

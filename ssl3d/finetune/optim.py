@@ -3,7 +3,6 @@ by one step, so that the first step trains)."""
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -33,18 +32,3 @@ def scheduler_config(optimizer: torch.optim.Optimizer, total_steps: int, warmup_
     warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps, total_steps, first_step_trains=True)
     return {"scheduler": scheduler, "interval": "step"}
-
-
-def steps_per_epoch(trainer) -> float:
-    """Optimizer steps in one training epoch, also when the run is bounded by ``max_steps`` alone.
-
-    ``estimated_stepping_batches / max_epochs`` is wrong there: with ``max_epochs=-1`` it made the warm-up
-    last the whole run, and with ``max_steps`` below ``max_epochs`` epochs it shrank the warm-up. The training
-    loader is set up as ``estimated_stepping_batches`` does, so this works inside ``configure_optimizers``.
-    """
-    if trainer.train_dataloader is None:
-        trainer.fit_loop.setup_data()
-    batches = trainer.num_training_batches
-    if not math.isfinite(batches):  # an iterable dataset without a length
-        return trainer.estimated_stepping_batches / max(trainer.max_epochs or 1, 1)
-    return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from agreement.dist import all_gather_objects
+from agreement.schedules import steps_per_epoch
 from ssl3d.finetune.encoders import encoder_param_groups, set_trainable
 from ssl3d.finetune.metrics import EpochOutputs, classification_metrics
-from ssl3d.finetune.optim import Optimizer, build_optimizer, scheduler_config, steps_per_epoch
+from ssl3d.finetune.optim import Optimizer, build_optimizer, scheduler_config
 
 
 class FinetuneTask(pl.LightningModule):

@@ -3,7 +3,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl3d.finetune.optim import scheduler_config, steps_per_epoch
+from agreement.schedules import steps_per_epoch
+from ssl3d.finetune.optim import scheduler_config
 
 
 class _Tiny(pl.LightningModule):

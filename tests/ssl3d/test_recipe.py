@@ -149,3 +149,13 @@ def test_mask_stage_keeps_the_frozen_encoder_in_eval_mode(tmp_path):
     make_trainer(tmp_path, 1, enable_checkpointing=False).fit(model, TinyDataModule())
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(("max_epochs", "max_steps"), [(5, 2), (2, -1)])
+def test_warmup_lasts_its_epochs_also_when_max_steps_ends_the_run_first(tmp_path, max_epochs, max_steps):
+    model = JointSSL(**{**TINY_MODEL, "warmup_epochs": 0.5})
+    trainer = make_trainer(tmp_path, max_epochs, max_steps=max_steps)
+    trainer.fit(model, TinyDataModule())  # 4 batches per epoch
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.warmup_steps == 2  # half an epoch, not half of max_steps / max_epochs
+    assert scheduler.total_steps == (max_steps if max_steps > 0 else 4 * max_epochs)

@@ -71,5 +71,4 @@ def promptsrc_loss(
 
 def kgcoop_loss(prompted_text: torch.Tensor, hand_crafted_text: torch.Tensor) -> torch.Tensor:
     """KgCoOp's knowledge-guided term: ``1 - mean_c cos(g_p[c], g_hand[c])``."""
-    cos = F.cosine_similarity(prompted_text.float(), hand_crafted_text.detach().float(), dim=-1)
-    return 1.0 - cos.mean()
+    return feature_agreement(prompted_text, hand_crafted_text.detach(), kind="cosine")

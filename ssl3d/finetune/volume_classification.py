@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from agreement.runs import CHECKPOINT_DIR, LAST, last_checkpoint
 from ssl3d.architecture import SliceModelConfig
 from ssl3d.export import read_pretraining_checkpoint
 from ssl3d.finetune.classification_data import resolve_num_classes
@@ -26,8 +27,6 @@ from ssl3d.finetune.encoders import EncoderWeightsError, state_mismatches
 from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAMES = ("checkpoints/last.ckpt", "last.ckpt")
 
 
 class CheckpointWeightsError(EncoderWeightsError):
@@ -41,14 +40,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"pretraining checkpoint not found: {path}")
-    for folder in (path, path.parent) if path.name == "encoder" else (path,):
-        for name in CHECKPOINT_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    raise FileNotFoundError(
-        f"{path}: no {' or '.join(CHECKPOINT_NAMES)}; volume classification needs the whole pretraining "
-        "checkpoint (slice encoder and slice Transformer), not only the exported encoder"
-    )
+    found = last_checkpoint(path.parent if path.name == "encoder" else path)
+    if found is None:
+        raise FileNotFoundError(
+            f"{path}: no {CHECKPOINT_DIR}/{LAST}; volume classification needs the whole pretraining checkpoint "
+            "(slice encoder and slice Transformer), not only the exported encoder"
+        )
+    return found
 
 
 def check_state(state: dict[str, torch.Tensor], model: nn.Module, source: str, note: str = "") -> None:

@@ -49,7 +49,7 @@ from agreement.optional import optional_import
 from agreement.tables import markdown_table, mean_std
 from ssl3d.data.datamodule import DEMO_RESOLUTION
 from ssl3d.encoder import SliceEncoder
-from ssl3d.export import network_state, read_pretraining_checkpoint
+from ssl3d.export import load_network_state, network_state, read_pretraining_checkpoint
 from ssl3d.fashion import DatasetNotFoundError
 from ssl3d.module import JointSSL
 from ssl3d.probe import _pretraining_slices, recalibrate_batchnorm
@@ -637,10 +637,7 @@ def _fresh_model(model: JointSSL, seed: int) -> JointSSL:
 def load_networks(model: JointSSL, state: dict[str, torch.Tensor]) -> JointSSL:
     """Load the encoder and slice Transformer of a ``JointSSL`` state dict (or a Lightning checkpoint's
     ``state_dict``) into ``model``, strictly; clustering state, whose shapes depend on the data, is ignored."""
-    state = network_state(state)
-    for prefix, module in (("encoder.", model.encoder), ("transformer.", model.transformer)):
-        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        module.load_state_dict(part, strict=True)
+    load_network_state(model.encoder, model.transformer, state)
     return model
 
 

@@ -43,6 +43,14 @@ def network_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if key.startswith(NETWORK_PREFIXES)}
 
 
+def load_network_state(encoder: nn.Module, transformer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load the slice encoder and slice Transformer entries of a ``JointSSL`` state dict (``encoder.*``,
+    ``transformer.*``; other entries are ignored) into ``encoder`` and ``transformer``, strictly."""
+    nn.ModuleDict({"encoder": encoder, "transformer": transformer}).load_state_dict(
+        network_state(state), strict=True
+    )
+
+
 def read_pretraining_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The networks' state dict (:func:`network_state`, prefixes kept) and the ``hyper_parameters`` of a
     ``scripts/pretrain.py`` checkpoint, read with ``weights_only=True``."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from agreement.runs import CHECKPOINT_DIR, LAST, last_checkpoint
 from ssl3d.architecture import SliceModelConfig
-from ssl3d.export import read_pretraining_checkpoint
+from ssl3d.export import load_network_state, read_pretraining_checkpoint
 from ssl3d.finetune.classification_data import resolve_num_classes
 from ssl3d.finetune.encoders import EncoderWeightsError, state_mismatches
 from ssl3d.finetune.task import ClassificationTask
@@ -145,9 +145,10 @@ class VolumeClassifier(ClassificationTask):
             if overridden
             else ""
         )
-        parts = nn.ModuleDict({"encoder": self.encoder, "transformer": self.transformer})
-        check_state(state, parts, str(path), note)
-        parts.load_state_dict(state, strict=True)
+        check_state(
+            state, nn.ModuleDict({"encoder": self.encoder, "transformer": self.transformer}), str(path), note
+        )
+        load_network_state(self.encoder, self.transformer, state)
         log.info("encoder and transformer weights loaded from %s", path)
 
     # --------------------------------------------------------------------------------------------- model

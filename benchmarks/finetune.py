@@ -7,30 +7,19 @@ of the 2D classifier on random inputs at the demo's sizes, and whole-volume segm
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from benchmarks.common import interleaved_times, synchronizer
 from ssl3d.finetune.classification import ImageClassifier
 from ssl3d.finetune.seg_data import CaseData
 from ssl3d.finetune.segmentation import SegmentationTask
 
 
 def _timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return interleaved_times({"call": fn}, repeats, warmup, synchronizer(device))["call"]
 
 
 def _train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:

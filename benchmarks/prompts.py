@@ -12,12 +12,11 @@ from __future__ import annotations
 import copy
 import gc
 import statistics
-import time
 from typing import Any
 
 import torch
 
-from benchmarks.common import official_step_seconds
+from benchmarks.common import official_step_seconds, synchronizer, time_call
 from prompts.module import IVLP, PromptSRC
 
 DEMO = {
@@ -56,15 +55,14 @@ def _saved_bytes(module, images, labels) -> int:
 
 
 def _step(module, optimizer, images, labels) -> float:
-    if images.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    module.compute_loss(images, labels)["loss"].backward()
-    optimizer.step()
-    if images.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    """Seconds of one training step (device synchronised)."""
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        module.compute_loss(images, labels)["loss"].backward()
+        optimizer.step()
+
+    return time_call(step, synchronizer(images.device))
 
 
 BATCH_FIRST = "IVLP, open_clip layout"

@@ -85,7 +85,7 @@ def mark_unfinished(run_dir: str | Path, resume_hint: str = "") -> None:
     )
     if resume_hint:
         text += f"Resume it with: {resume_hint}\n"
-    _write_atomic(run_dir / UNFINISHED, text)
+    write_text_atomic(run_dir / UNFINISHED, text)
 
 
 def note_unfinished(run_dir: str | Path, line: str) -> None:
@@ -126,10 +126,14 @@ class MarkUnfinished(pl.Callback):
                 mark_unfinished(folder, self.resume_hint)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` next to ``path`` (a name of this process's own) and rename it into place, so that a stopped
+    run or a concurrent reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return path
 
 
 # ----------------------------------------------------------------------------------- checks before a run
@@ -780,7 +784,7 @@ class _ResumedWriter(ExperimentWriter):
         writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-        _write_atomic(path, out.getvalue())
+        write_text_atomic(path, out.getvalue())
         self.metrics_keys = fields
 
 

@@ -12,16 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from agreement.runs import write_text_atomic
 from entities.metrics import per_class_table, stage_table
 from entities.pipeline import DiscoveryResult
 from entities.records import FaceRecords
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write next to the target and rename, so an interrupted run never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_names(records: FaceRecords, result: DiscoveryResult, run_dir: Path) -> tuple[Path, Path]:
@@ -43,7 +37,7 @@ def write_names(records: FaceRecords, result: DiscoveryResult, run_dir: Path) ->
             row["true_name"] = records.labels[i]
         rows.append(row)
     json_path, csv_path = run_dir / "names.json", run_dir / "names.csv"
-    _atomic_write(json_path, json.dumps(rows, indent=1))
+    write_text_atomic(json_path, json.dumps(rows, indent=1))
     tmp = csv_path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -63,7 +57,7 @@ def write_names(records: FaceRecords, result: DiscoveryResult, run_dir: Path) ->
 def write_metrics(metrics: dict[str, dict[str, Any]], classes: list[str], run_dir: Path) -> tuple[Path, Path]:
     """``metrics.json`` (everything) and ``metrics.md`` (stage table and per-class recall / precision)."""
     json_path, md_path = run_dir / "metrics.json", run_dir / "metrics.md"
-    _atomic_write(json_path, json.dumps(metrics, indent=1, default=lambda v: None))
+    write_text_atomic(json_path, json.dumps(metrics, indent=1, default=lambda v: None))
     text = (
         "# Entity discovery: stages side by side\n\n"
         + stage_table(metrics)
@@ -71,7 +65,7 @@ def write_metrics(metrics: dict[str, dict[str, Any]], classes: list[str], run_di
         + per_class_table(metrics, classes)
         + "\n"
     )
-    _atomic_write(md_path, text)
+    write_text_atomic(md_path, text)
     return json_path, md_path
 
 
@@ -106,7 +100,7 @@ def write_gallery(
         parts.append("</div>")
     parts.append("</body></html>")
     path = run_dir / "gallery.html"
-    _atomic_write(path, "\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from agreement.runs import write_text_atomic
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -389,7 +391,5 @@ def prepare_digits(root: str | Path) -> Path:
                 Image.fromarray(pixels, mode="L").resize((32, 32), Image.BICUBIC).save(target)
             which = "train" if position < n_train else "val" if position < n_train + n_val else "test"
             split[which].append([name, label, DIGIT_NAMES[label]])
-    tmp = base / f"split.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(split))
-    os.replace(tmp, base / DATASETS["Digits"].split_file)
+    write_text_atomic(base / DATASETS["Digits"].split_file, json.dumps(split))
     return base

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from agreement.runs import write_text_atomic
 from prompts.datasets import Item, validate_items
 
 
@@ -42,13 +42,11 @@ def fewshot_split(
     if cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
             payload = {
                 "train": [list(vars(i).values()) for i in few_train],
                 "val": [list(vars(i).values()) for i in few_val],
             }
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, cache_file)
+            write_text_atomic(cache_file, json.dumps(payload))
         except OSError:
             pass  # read-only dataset folder: sampling is deterministic, the cache is only a speed-up
     return few_train, few_val

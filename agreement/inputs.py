@@ -57,6 +57,17 @@ def torch_load_reason(error: BaseException) -> str:
     return first_line(error)
 
 
+def parse_boolean(text: str) -> bool:
+    """An ``argparse`` type for true/false options: ``true``/``1``/``yes`` or ``false``/``0``/``no`` (any case);
+    anything else is an error, not a silent ``False``."""
+    lowered = str(text).lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def load_torch_file(path: str | Path, what: str = "weights") -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``; errors name ``path`` on one line."""
     path = Path(path)

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from agreement.allocator import retain_freed_memory
+from agreement.inputs import parse_boolean
 from agreement.runs import UNFINISHED, last_checkpoint, run_folder
 from ssl3d.fashion import CheckConfig, DatasetNotFoundError, report_table, run_check
 
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cross.add_argument(
         "--volume",
-        type=lambda text: text.lower() in ("1", "true", "yes"),
+        type=parse_boolean,
         default=True,
         help="also probe the 3D branch's volume embedding (true/false, default true)",
     )

@@ -307,6 +307,10 @@ def evaluate_cases() -> dict[str, Callable[[Path], Case]]:
             evaluate_main, ["cross-subject", f"--runs={t / 'nope'}", f"--out_dir={t / 'run'}"], 2,
             r"^error: .*nope: no such run folder$", nothing_written=True,
         ),
+        "misspelt true/false": lambda t: Case(
+            evaluate_main, ["cross-subject", f"--runs={t}", "--volume=flase", f"--out_dir={t / 'run'}"], 2,
+            r"argument --volume: expected true or false, got 'flase'", nothing_written=True,
+        ),
         "unfinished run": lambda t: evaluate_case(t, r"pretraining: the run has not completed", unfinished=True),
         "folder without config": lambda t: evaluate_case(t, r"pretraining: no config\.yaml", config=None),
         "config that is not YAML": lambda t: evaluate_case(t, r"config\.yaml: not valid YAML", config="a: [b"),

@@ -47,6 +47,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from agreement.inputs import parse_boolean
 from agreement.runs import run_folder
 from agreement.tables import markdown_table, mean_std
 from ssl3d.export import resolve_encoder_file
@@ -197,14 +198,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bn_recalibration",
-        type=_boolean,
+        type=parse_boolean,
         default=True,
         help="re-estimate every encoder's BatchNorm statistics on the training slices first (true/false; "
         "false reproduces the artefact of the plain comparison)",
     )
     parser.add_argument(
         "--match_init_norms",
-        type=_boolean,
+        type=parse_boolean,
         default=False,
         help="diagnostic (true/false): scale every encoder convolution, in both arms, to a fresh "
         "initialisation's norm first; under BatchNorm this changes no output, only the relative step size",
@@ -236,15 +237,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "encoders with --resume); the report needs both",
     )
     parser.add_argument("--out_dir", default=None, help="default runs/evaluate/finetune-<time>")
-
-
-def _boolean(text: str) -> bool:
-    lowered = str(text).lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def check_arguments(args: argparse.Namespace) -> None:

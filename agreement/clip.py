@@ -18,7 +18,7 @@ import open_clip
 import torch
 from torch import nn
 
-from agreement.inputs import first_line, load_torch_file
+from agreement.inputs import load_state_dict_file, state_mismatches
 from agreement.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 log = logging.getLogger(__name__)
@@ -109,29 +109,10 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     Nothing in the file can run: torch files are read with ``weights_only=True`` and TorchScript archives by
     :func:`agreement.torchscript.read_torchscript_state_dict`, which takes their tensors and never their code.
     """
-    if not os.access(path, os.R_OK):
-        raise PermissionError(f"{path}: CLIP weights file is not readable (permissions)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path, device="cpu")
-        except Exception as error:
-            raise ValueError(
-                f"{path}: cannot read CLIP weights: not a valid safetensors file ({first_line(error)})"
-            ) from None
-    elif is_torchscript_archive(path):
+    if os.access(path, os.R_OK) and is_torchscript_archive(path):
         state = read_torchscript_state_dict(path)
     else:
-        state = load_torch_file(path, what="CLIP weights")
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if (
-        not isinstance(state, dict)
-        or not state
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    ):
-        raise ValueError(f"{path}: does not hold a CLIP state dict (a mapping of parameter names to tensors)")
+        state = load_state_dict_file(path, what="CLIP weights")
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):
         state.pop(key, None)
@@ -148,21 +129,11 @@ def load_clip_weights(model: nn.Module, path: str, model_name: str) -> None:
             state.pop(name, None)
     if "logit_scale" in state and state["logit_scale"].ndim != expected["logit_scale"].ndim:
         state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+    problems = state_mismatches(state, model)
+    if problems:  # one line: the last line a user sees
         raise ValueError(
-            f"checkpoint {path} does not match the open_clip architecture {model_name!r}: {'; '.join(parts)}. "
-            "Pick the model name the weights were trained with."
+            f"checkpoint {path} does not match the open_clip architecture {model_name!r}: "
+            f"{'; '.join(line.strip() for line in problems)}. Pick the model name the weights were trained with."
         )
     model.load_state_dict(state, strict=True)
 

@@ -16,7 +16,7 @@ import pickle
 import re
 import traceback
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +82,63 @@ def load_torch_file(path: str | Path, what: str = "weights") -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- CLI errors
+def load_state_dict_file(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file (a ``state_dict`` entry is unwrapped), never
+    running code from the file; errors name ``path`` and ``what`` on one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path}: {what} file is not readable (permissions)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as error:
+            raise ValueError(
+                f"{path}: cannot read {what}: not a valid safetensors file ({first_line(error)})"
+            ) from None
+    else:
+        state = load_torch_file(path, what=what)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise ValueError(f"{path}: does not hold {what} (a mapping of parameter names to tensors)")
+    return state
+
+
+def report_keys(keys: Iterable[str], limit: int = 12) -> str:
+    """Up to ``limit`` of ``keys``, sorted, and how many more."""
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def state_mismatches(state: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
+    """Report lines for the missing, unexpected and mis-shaped keys of ``state`` against ``model`` (empty if it fits)."""
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    mis_shaped = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in sorted(set(state) & set(expected))
+        if state[key].shape != expected[key].shape
+    ]
+    lines = []
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {report_keys(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {report_keys(unexpected)}")
+    if mis_shaped:
+        lines.append(f"  shape mismatches ({len(mis_shaped)}): {report_keys(mis_shaped)}")
+    return lines
+
+
 def _raised_in(error: BaseException, package: str) -> bool:
     frames = traceback.extract_tb(error.__traceback__)
     return bool(frames) and f"{os.sep}{package}{os.sep}" in frames[-1].filename

@@ -49,7 +49,7 @@ class SliceEncoder(nn.Module):
         self.backbone_name = backbone
         self.backbone = create_backbone(backbone)
         if pretrained_path is not None:
-            from ssl3d.export import load_state_dict_file
+            from agreement.inputs import load_state_dict_file
 
             self.backbone.load_state_dict(load_state_dict_file(pretrained_path), strict=True)
         channels = [info["num_chs"] for info in self.backbone.feature_info]

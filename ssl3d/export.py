@@ -8,31 +8,10 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from agreement.inputs import first_line, load_torch_file
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file, never running code from the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except Exception as error:
-            raise ValueError(
-                f"{path}: cannot read weights: not a valid safetensors file ({first_line(error)})"
-            ) from None
-    state = load_torch_file(path, what="weights")
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
-    return state
-
+from agreement.inputs import load_state_dict_file, load_torch_file
 
 NETWORK_PREFIXES = ("encoder.", "transformer.")
 

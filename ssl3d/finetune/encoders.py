@@ -7,7 +7,6 @@ classifiers), so an exported file loads with ``strict=True`` and keys keep their
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,8 +15,9 @@ from monai.networks.blocks import BaseEncoder
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import nn
 
+from agreement.inputs import load_state_dict_file, report_keys, state_mismatches
 from ssl3d.encoder import create_backbone
-from ssl3d.export import export_encoder, load_state_dict_file, resolve_encoder_file
+from ssl3d.export import export_encoder, resolve_encoder_file
 
 BACKBONE_PREFIX = "timm-"
 
@@ -32,32 +32,6 @@ def create_timm_encoder(model_name: str, in_chans: int = 1) -> nn.Module:
         return create_backbone(model_name, in_chans)
     except RuntimeError as error:  # timm's "Unknown model" error
         raise ValueError(f"unknown timm model {model_name!r}: {error}") from error
-
-
-def _key_report(keys: Iterable[str], limit: int = 12) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def state_mismatches(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
-    """Report lines for the missing, unexpected and mis-shaped keys of ``state`` against ``model`` (empty if it fits)."""
-    expected = model.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    mis_shaped = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in sorted(set(state) & set(expected))
-        if state[key].shape != expected[key].shape
-    ]
-    lines = []
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {_key_report(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {_key_report(unexpected)}")
-    if mis_shaped:
-        lines.append(f"  shape mismatches ({len(mis_shaped)}): {_key_report(mis_shaped)}")
-    return lines
 
 
 def check_encoder_state(
@@ -142,7 +116,7 @@ class TimmUNetEncoder(BaseEncoder, nn.Module):
         trained = self.model.state_dict()
         unexpected = full.load_state_dict(trained, strict=False).unexpected_keys
         if unexpected:
-            raise ValueError(f"{self.model_name}: keys outside the timm model: {_key_report(unexpected)}")
+            raise ValueError(f"{self.model_name}: keys outside the timm model: {report_keys(unexpected)}")
         extra = {
             "finetuned_from": str(source) if source is not None else None,
             "not_finetuned": sorted(set(full.state_dict()) - set(trained)),

@@ -19,11 +19,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from agreement.inputs import state_mismatches
 from agreement.runs import CHECKPOINT_DIR, LAST, last_checkpoint
 from ssl3d.architecture import SliceModelConfig
 from ssl3d.export import load_network_state, read_pretraining_checkpoint
 from ssl3d.finetune.classification_data import resolve_num_classes
-from ssl3d.finetune.encoders import EncoderWeightsError, state_mismatches
+from ssl3d.finetune.encoders import EncoderWeightsError
 from ssl3d.finetune.task import ClassificationTask
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from ssl3d.export import load_state_dict_file
+from agreement.inputs import load_state_dict_file
 from ssl3d.finetune.classification import ImageClassifier
 from ssl3d.finetune.classification_data import images_from_csv
 from ssl3d.finetune.cli import main

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ssl3d.export import load_state_dict_file
+from agreement.inputs import load_state_dict_file
 from ssl3d.finetune.classification import ImageClassifier
 from ssl3d.finetune.encoders import EncoderWeightsError, encoder_param_groups, register_timm_backbone
 from ssl3d.finetune.segmentation import SegmentationTask

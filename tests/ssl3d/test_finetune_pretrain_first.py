@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ssl3d.pretrain
-from ssl3d.export import load_state_dict_file
+from agreement.inputs import load_state_dict_file
 from ssl3d.finetune.cli import PRETRAIN_ROOT, latest_encoder, main, resolve_encoder
 from tests.finetune.helpers import segmentation_args, write_datalist
 from tests.ssl3d.test_pretrain_cli import TINY_ARGS

@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
+from agreement.inputs import load_state_dict_file
 from ssl3d import crosssubject as cs
 from ssl3d.evaluate import main as evaluate
-from ssl3d.export import load_exported_encoder, load_state_dict_file
+from ssl3d.export import load_exported_encoder
 from ssl3d.pretrain import main
 
 TINY_ARGS = [

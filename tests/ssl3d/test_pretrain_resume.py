@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from agreement.inputs import load_state_dict_file
 from agreement.runs import UNFINISHED
-from ssl3d.export import load_state_dict_file
 from ssl3d.finetune.cli import latest_encoder
 from ssl3d.pretrain import main
 from tests.ssl3d.test_pretrain_cli import TINY_ARGS

@@ -242,7 +242,7 @@ def finetune_cases() -> dict[str, Callable[[Path], Case]]:
             t, _garbage(t / "encoder.pt", b""), 1, r"encoder\.pt: cannot read weights: it is empty or truncated"
         ),
         "missing datalist": lambda t: finetune_case(
-            t, "null", 1, r"^FileNotFoundError: datalist not found: .*nope\.json$", datalist=t / "nope.json"
+            t, "null", 1, r"^FileNotFoundError: datalist .*nope\.json: file not found$", datalist=t / "nope.json"
         ),
         "datalist entry pointing nowhere": missing_volume,
         "corrupt label volume": corrupt_volume,

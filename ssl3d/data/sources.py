@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,19 +98,30 @@ def list_volumes(
     return _glob_volumes(Path(data_dir), pattern)
 
 
-def _read_datalist(datalist: Path, data_dir: str | Path | None, key: str, split: str) -> list[Path]:
+def read_datalist(datalist: str | Path, split: str, required: bool = True) -> list[Any]:
+    """The entries of the ``split`` list of a decathlon-style JSON datalist (paths, or objects with ``image`` and
+    more); a missing or empty list is an error when ``required``, else ``[]``."""
+    datalist = Path(datalist)
     if not datalist.is_file():
         raise FileNotFoundError(f"datalist {datalist}: file not found")
     try:
         content = json.loads(datalist.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"datalist {datalist}: not valid JSON ({error})") from error
-    if not isinstance(content, dict) or split not in content:
-        found = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise ValueError(f"datalist {datalist}: no {split!r} list (found {found})")
-    entries = content[split]
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"datalist {datalist}: {split!r} must be a non-empty list")
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"datalist {datalist}: expected an object of named lists, got {type(content).__name__}"
+        )
+    entries = content.get(split)
+    if entries is not None and not isinstance(entries, list):
+        raise ValueError(f"datalist {datalist}: {split!r} must be a list, got {type(entries).__name__}")
+    if not entries and required:
+        raise ValueError(f"datalist {datalist}: no {split!r} list (found {sorted(content)})")
+    return entries or []
+
+
+def _read_datalist(datalist: Path, data_dir: str | Path | None, key: str, split: str) -> list[Path]:
+    entries = read_datalist(datalist, split)
     base = Path(data_dir) if data_dir is not None else datalist.parent
     paths = []
     for number, entry in enumerate(entries):

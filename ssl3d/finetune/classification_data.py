@@ -9,7 +9,6 @@ validated when the data module is set up, before training.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from agreement.runs import ResumableDataLoader
 from ssl3d.data.images import load_image
-from ssl3d.data.sources import IMAGE_EXTENSIONS, list_volumes
+from ssl3d.data.sources import IMAGE_EXTENSIONS, list_volumes, read_datalist
 from ssl3d.data.volumes import VolumeLoader, check_volumes
 
 log = logging.getLogger(__name__)
@@ -225,7 +224,7 @@ def read_labelled_split(
     """
     datalist = Path(datalist)
     paths = list_volumes(datalist, base_dir, key="image", split=key)
-    entries = json.loads(datalist.read_text())[key]
+    entries = read_datalist(datalist, key)
     targets, bad = [], []
     for number, entry in enumerate(entries):
         label = entry.get("label") if isinstance(entry, dict) else None
@@ -340,12 +339,11 @@ class VolumeClassificationData(SplitsDataModule):
         return {"train": hp.train_key, "val": hp.val_key, "test": hp.test_key}
 
     def _listed(self, key: str | None) -> bool:
-        path = Path(self.hparams.datalist)
-        if key is None or not path.is_file():
+        if key is None:
             return False
         try:
-            return bool(json.loads(path.read_text()).get(key))
-        except json.JSONDecodeError:
+            return bool(read_datalist(self.hparams.datalist, key, required=False))
+        except (OSError, ValueError):
             return False
 
     @property
@@ -361,10 +359,9 @@ class VolumeClassificationData(SplitsDataModule):
         if self.splits:
             return
         hp = self.hparams
-        if not Path(hp.datalist).is_file():
-            raise FileNotFoundError(f"datalist not found: {hp.datalist}")
-        if not self._listed(hp.train_key):
-            raise ValueError(f"datalist {hp.datalist}: no {hp.train_key!r} list of volumes")
+        read_datalist(
+            hp.datalist, hp.train_key
+        )  # a missing file, bad JSON or no training list: one clear error
         listed = {
             split: read_labelled_split(hp.datalist, key, self.num_classes, hp.multi_label, hp.base_dir)
             for split, key in self._keys().items()

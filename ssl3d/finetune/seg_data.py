@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
 from agreement.runs import ResumableDataLoader
+from ssl3d.data.sources import read_datalist
 from ssl3d.data.volumes import VolumeLoader
 from ssl3d.probe import patch_label_grid, slice_bands
 
@@ -100,15 +101,7 @@ def cases_from_datalist(
     from monai.data import load_decathlon_datalist
 
     datalist = Path(datalist)
-    if not datalist.is_file():
-        raise FileNotFoundError(f"datalist not found: {datalist}")
-    try:
-        content = json.loads(datalist.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{datalist}: not valid JSON ({error})") from error
-    if not content.get(key):
-        if required:
-            raise ValueError(f"{datalist}: no {key!r} list of cases (keys: {sorted(content)})")
+    if not read_datalist(datalist, key, required):
         return []
     entries = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=key, base_dir=base_dir)
     for number, entry in enumerate(entries):

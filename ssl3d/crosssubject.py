@@ -48,6 +48,7 @@ from scipy import ndimage
 from agreement.optional import optional_import
 from agreement.tables import markdown_table, mean_std
 from ssl3d.data.datamodule import DEMO_RESOLUTION
+from ssl3d.data.volumes import read_nifti
 from ssl3d.encoder import SliceEncoder
 from ssl3d.export import load_network_state, network_state, read_pretraining_checkpoint
 from ssl3d.fashion import DatasetNotFoundError
@@ -170,30 +171,35 @@ def colin27_paths(colin_dir: str | Path | None = None) -> dict[str, Path]:
     return paths
 
 
-def read_region_names(path: str | Path) -> dict[int, str]:
-    """``{label: name}`` from an MRIcron label file (lines ``label name [code]``)."""
-    names: dict[int, str] = {}
+def read_region_table(path: str | Path) -> dict[int, tuple[str, str | None]]:
+    """``{label: (name, code or None)}`` from an MRIcron label file (lines ``label name [code]``)."""
+    table: dict[int, tuple[str, str | None]] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
-        if len(fields) < 2 or not fields[0].isdigit():
+        if not 2 <= len(fields) <= 3 or not fields[0].isdigit():
             raise ValueError(f"{path}:{number}: expected 'label name [code]', got {line!r}")
-        names[int(fields[0])] = fields[1]
-    if not names:
+        table[int(fields[0])] = (fields[1], fields[2] if len(fields) == 3 else None)
+    if not table:
         raise ValueError(f"{path}: no region names")
-    return names
+    return table
+
+
+def read_region_names(path: str | Path) -> dict[int, str]:
+    """``{label: name}`` from an MRIcron label file."""
+    return {label: name for label, (name, _) in read_region_table(path).items()}
 
 
 def read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A 3D NIfTI volume in RAS voxel order and its (diagonal) affine."""
+    image = nib.as_closest_canonical(read_nifti(path))
     try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
         data = np.asarray(image.dataobj)
-    except Exception as error:
+    except Exception as error:  # a header that reads but truncated voxel data
         raise ValueError(
             f"{path}: cannot be read as a NIfTI volume ({type(error).__name__}: {error})"
-        ) from error
+        ) from None
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
     _check_axis_aligned(image.affine, str(path))

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import NibabelReader, NumpyReader
@@ -177,8 +178,6 @@ class VolumeLoader:
         """Open the header cheaply so a corrupt file gets the reader's own message rather than MONAI's summary."""
         try:
             if kind == "nifti":
-                import nibabel as nib
-
                 nib.load(str(path))  # parses the header eagerly, the voxel data lazily
             elif kind == "numpy":
                 np.load(path, mmap_mode="r", allow_pickle=False)
@@ -213,6 +212,16 @@ class VolumeLoader:
 
     def __call__(self, path: str | Path, slice_axis: int | None = None) -> torch.Tensor:
         return self.fit(self.load(path, slice_axis))
+
+
+def read_nifti(path: Path) -> nib.Nifti1Image:
+    """``nib.load`` with an error that names the file (a missing, truncated or non-NIfTI file)."""
+    try:
+        return nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for broken files
+        raise ValueError(
+            f"{path}: cannot be read as a NIfTI volume ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:

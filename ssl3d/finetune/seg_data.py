@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from agreement.runs import ResumableDataLoader
 from ssl3d.data.sources import read_datalist
-from ssl3d.data.volumes import VolumeLoader
+from ssl3d.data.volumes import VolumeLoader, read_nifti
 from ssl3d.probe import patch_label_grid, slice_bands
 
 DEMO_TASKS = ("tissue", "lobes")
@@ -155,19 +155,15 @@ def aal_lobe_lookup(names_file: str | Path) -> np.ndarray:
     """``lookup[label]``: the ``LOBE_CLASSES`` index of each AAL label value, from an MRIcron label file (lines
     ``label name code``); 0 for the background and anything unlisted."""
     names_file = Path(names_file)
+    from ssl3d.crosssubject import read_region_table
+
     pairs = []
-    for number, line in enumerate(names_file.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 3 or not fields[0].isdigit() or not fields[2].isdigit():
-            raise ValueError(f"{names_file}:{number}: expected 'label name code' (AAL), got {line!r}")
-        digit = int(fields[2][0])
-        if digit not in AAL_LOBE_OF_DIGIT:
-            raise ValueError(f"{names_file}:{number}: code {fields[2]} is not an AAL region code (2xxx-9xxx)")
-        pairs.append((int(fields[0]), AAL_LOBE_OF_DIGIT[digit]))
-    if not pairs:
-        raise ValueError(f"{names_file}: no AAL regions")
+    for label, (name, code) in read_region_table(names_file).items():
+        if code is None or not code.isdigit() or int(code[0]) not in AAL_LOBE_OF_DIGIT:
+            raise ValueError(
+                f"{names_file}: region {label} ({name}) has no AAL region code (2xxx-9xxx): {code}"
+            )
+        pairs.append((label, AAL_LOBE_OF_DIGIT[int(code[0])]))
     lookup = np.zeros(max(label for label, _ in pairs) + 1, dtype=np.uint8)
     for label, lobe in pairs:
         lookup[label] = lobe
@@ -223,16 +219,6 @@ def read_label_values(path: Path, label_map: dict[int, int]) -> np.ndarray:
         )
     lookup = np.array([label_map[int(v)] for v in values], dtype=np.int64)
     return lookup[inverse].reshape(data.shape)
-
-
-def read_nifti(path: Path) -> nib.Nifti1Image:
-    """``nib.load`` with an error that names the file (a missing, truncated or non-NIfTI file)."""
-    try:
-        return nib.load(str(path))
-    except Exception as error:  # nibabel raises several types for broken files
-        raise ValueError(
-            f"{path}: cannot be read as a NIfTI volume ({type(error).__name__}: {error})"
-        ) from None
 
 
 def check_pair(image: Path, label: Path, atol: float = 1e-3) -> None:

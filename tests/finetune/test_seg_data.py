@@ -163,7 +163,7 @@ def test_aal_regions_are_grouped_into_lobes_by_their_code(tmp_path):
     assert [LOBE_CLASSES[i] for i in lookup[[1, 2, 5]]] == ["frontal", "insula and limbic", "cerebellum"]
     bad = tmp_path / "bad.txt"
     bad.write_text("1 Precentral_L 2001\n2 Insula_L\n")
-    with pytest.raises(ValueError, match=r"bad.txt:2: expected 'label name code'"):
+    with pytest.raises(ValueError, match=r"bad.txt: region 2 \(Insula_L\) has no AAL region code"):
         aal_lobe_lookup(bad)
 
 

@@ -31,6 +31,7 @@ from agreement.metrics import ari, cluster_usage, nmi, purity
 from agreement.sampling import SeededSampler
 from agreement.tables import format_mean_std, markdown_table, mean_std
 from ssl3d.data.datasets import _split_key
+from ssl3d.data.sources import class_folder_images
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
 from ssl3d.probe import recalibrate_batchnorm
@@ -50,7 +51,8 @@ CLASS_NAMES = (
     "Ankle boot",
 )
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm"}
+# Decoded with PIL as 8-bit grey (Fashion-MNIST's own scale), not through the percentile scaling of load_image.
+PIL_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "pgm")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -89,18 +91,14 @@ def _find(folder: Path, stem: str) -> Path | None:
 def _read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     from PIL import Image
 
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES):
-            try:
-                with Image.open(file) as image:
-                    images.append(np.asarray(image.convert("L"), dtype=np.uint8))
-            except OSError as error:
-                raise ValueError(f"{file}: cannot read the image ({error})") from error
-            labels.append(label)
-    if not images:
-        raise ValueError(f"{folder}: no images in class sub-folders ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+    paths, labels, classes = class_folder_images(folder, PIL_IMAGE_EXTENSIONS)
+    images = []
+    for file in paths:
+        try:
+            with Image.open(file) as image:
+                images.append(np.asarray(image.convert("L"), dtype=np.uint8))
+        except OSError as error:
+            raise ValueError(f"{file}: cannot read the image ({error})") from error
     if len({im.shape for im in images}) != 1:
         raise ValueError(f"{folder}: images differ in size; give images of one size")
     return np.stack(images), np.asarray(labels, dtype=np.int64), tuple(classes)

@@ -163,6 +163,26 @@ def _glob_volumes(data_dir: Path, pattern: str) -> list[Path]:
     return sorted(found)
 
 
+def class_folder_images(
+    folder: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[Path], list[int], list[str]]:
+    """``folder/<class>/<image>``: the image paths (extension in ``extensions``), their class indices and the sorted
+    class names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    wanted = {"." + ext.lower().lstrip(".") for ext in extensions}
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in wanted)
+        paths += files
+        labels += [index] * len(files)
+    if not paths:
+        raise ValueError(f"{folder}: no images with extensions {sorted(wanted)} in class sub-folders")
+    return paths, labels, classes
+
+
 def list_images(folder: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
     """2D image files under ``folder`` (recursively) whose extension is in ``extensions``, case-insensitive."""
     folder = Path(folder)

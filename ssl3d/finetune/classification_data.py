@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from agreement.runs import ResumableDataLoader
 from ssl3d.data.images import load_image
-from ssl3d.data.sources import IMAGE_EXTENSIONS, list_volumes, read_datalist
+from ssl3d.data.sources import class_folder_images, list_volumes, read_datalist
 from ssl3d.data.volumes import VolumeLoader, check_volumes
 
 log = logging.getLogger(__name__)
@@ -65,22 +65,10 @@ class SplitsDataModule(pl.LightningDataModule):
 
 # --------------------------------------------------------------------------------------------- 2D images
 def images_from_folder(folder: str | Path) -> tuple[list[Path], torch.Tensor, list[str]]:
-    """``folder/<class>/<image>``: paths, class indices and the sorted class names."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    """``folder/<class>/<image>``: paths, class indices and the sorted class names (at least two classes)."""
+    paths, labels, classes = class_folder_images(folder)
     if len(classes) < 2:
         raise ValueError(f"{folder}: needs one subfolder per class (at least two), found {classes}")
-    paths, labels = [], []
-    for index, name in enumerate(classes):
-        files = sorted(
-            p for p in (folder / name).iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-        )
-        paths += files
-        labels += [index] * len(files)
-    if not paths:
-        raise ValueError(f"{folder}: no images with extensions {IMAGE_EXTENSIONS}")
     return paths, torch.tensor(labels), classes
 
 

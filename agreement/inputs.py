@@ -15,12 +15,14 @@ import os
 import pickle
 import re
 import traceback
+import warnings
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,6 +57,40 @@ def torch_load_reason(error: BaseException) -> str:
             "unpickled here)"
         )
     return first_line(error)
+
+
+def check_files(
+    paths: Sequence[str | Path],
+    read: Callable[[Path], Any],
+    what: str = "files",
+    skip_bad_files: bool = False,
+    on_loaded: Callable[[int, Path, Any], None] | None = None,
+) -> list[Path]:
+    """Read every file up front (``read(path)``, which raises ``ValueError`` or ``FileNotFoundError`` for a bad
+    one) and return the good paths in order: the first bad file raises, or with ``skip_bad_files`` bad files
+    are left out and one warning lists them with their reasons. ``on_loaded(position, path, value)`` receives
+    what ``read`` returned for each good file, so that callers need not read it twice."""
+    good: list[Path] = []
+    skipped: list[str] = []
+    for position, path in enumerate(tqdm(list(paths), desc=f"checking {what}", unit="file", leave=False)):
+        path = Path(path)
+        try:
+            value = read(path)
+        except (ValueError, FileNotFoundError) as error:
+            if not skip_bad_files:
+                raise
+            skipped.append(str(error))
+            continue
+        good.append(path)
+        if on_loaded is not None:
+            on_loaded(position, path, value)
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(paths)} {what}:\n  " + "\n  ".join(skipped),
+            UserWarning,
+            stacklevel=3,
+        )
+    return good
 
 
 def parse_boolean(text: str) -> bool:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
-from tqdm.auto import tqdm
 
+from agreement.inputs import check_files
 from agreement.optional import optional_import
 
 
@@ -61,21 +60,4 @@ def _read_dicom(path: Path) -> torch.Tensor:
 
 def check_images(paths: Sequence[str | Path], skip_bad_files: bool = False) -> list[Path]:
     """Decode every image up front and return the good paths; skip and warn, or raise on the first bad one."""
-    good: list[Path] = []
-    skipped: list[str] = []
-    for path in tqdm(list(paths), desc="checking images", unit="file", leave=False):
-        try:
-            load_image(path)
-        except (ValueError, FileNotFoundError) as error:
-            if not skip_bad_files:
-                raise
-            skipped.append(str(error))
-            continue
-        good.append(Path(path))
-    if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} of {len(paths)} images:\n  " + "\n  ".join(skipped),
-            UserWarning,
-            stacklevel=2,
-        )
-    return good
+    return check_files(paths, load_image, "images", skip_bad_files)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from monai.transforms import (
     SpatialPad,
 )
 from monai.transforms.utils_pytorch_numpy_unification import percentile
-from tqdm.auto import tqdm
 
+from agreement.inputs import check_files
 from agreement.optional import optional_import
 from ssl3d.data.sources import volume_kind
 
@@ -244,26 +243,7 @@ def check_volumes(
     each good file's :meth:`VolumeLoader.read` result, so callers can reuse it instead of reading twice.
     """
     skip = loader.skip_bad_files if skip_bad_files is None else skip_bad_files
-    good: list[Path] = []
-    skipped: list[str] = []
-    for position, path in enumerate(tqdm(list(paths), desc="checking volumes", unit="file", leave=False)):
-        path = Path(path)
-        try:
-            volume = loader.read(path)
-        except (ValueError, FileNotFoundError) as error:
-            if not skip:
-                raise
-            skipped.append(str(error))
-            continue
-        good.append(path)
-        if on_loaded is not None:
-            on_loaded(position, path, volume)
-    if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} of {len(paths)} volumes:\n  " + "\n  ".join(skipped),
-            UserWarning,
-            stacklevel=2,
-        )
+    good = check_files(paths, loader.read, "volumes", skip, on_loaded)
     if not good:
         raise ValueError(f"none of the {len(paths)} volumes could be used; see the warning for each file")
     return good

@@ -48,6 +48,7 @@ from scipy import ndimage
 from agreement.optional import optional_import
 from agreement.tables import markdown_table, mean_std
 from ssl3d.data.datamodule import DEMO_RESOLUTION
+from ssl3d.data.mni import load_mni152_template
 from ssl3d.data.volumes import read_nifti
 from ssl3d.encoder import SliceEncoder
 from ssl3d.export import load_network_state, network_state, read_pretraining_checkpoint
@@ -290,9 +291,7 @@ def _load_volumes(colin_dir: str | None) -> _Volumes:
     names = read_region_names(paths["names"])
     colin_t1, colin_t1_affine = read_canonical(paths["t1"])
     colin_atlas, colin_affine = read_canonical(paths["atlas"])
-    datasets = optional_import("nilearn.datasets", extra="demo", purpose="the MNI152 template")
-    template = datasets.load_mni152_template(resolution=DEMO_RESOLUTION)  # as ssl3d.data.mni.load_mni152
-    mni_t1, mni_affine = np.asarray(template.dataobj, dtype=np.float32), template.affine.copy()
+    mni_t1, mni_affine = load_mni152_template(DEMO_RESOLUTION)
     _check_axis_aligned(mni_affine, "MNI152 template")
     colin_on_grid = resample_to_grid(colin_t1, colin_t1_affine, mni_t1.shape, mni_affine, order=3)
     mni_atlas = resample_to_grid(colin_atlas, colin_affine, mni_t1.shape, mni_affine, order=0)

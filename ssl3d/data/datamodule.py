@@ -9,7 +9,6 @@ the longer loader and the shorter one is cycled.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from agreement.runs import ResumableDataLoader
 from agreement.sampling import SeededSampler
 from ssl3d.data.datasets import CACHE_MODES, SliceViewsDataset, VolumeViewsDataset
 from ssl3d.data.images import check_images
-from ssl3d.data.mni import write_mni152_nifti
+from ssl3d.data.mni import demo_folder, mni152_nifti
 from ssl3d.data.sources import VolumeSource, list_images, list_volumes
 from ssl3d.data.transforms import (
     MultiCropViews2D,
@@ -152,22 +151,10 @@ class JointSSLDataModule(pl.LightningDataModule):
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
-    def _demo_folder(self) -> Path:
-        if self.hparams.demo_dir is not None:
-            return Path(self.hparams.demo_dir)
-        if self.trainer is not None:
-            return Path(self.trainer.default_root_dir) / "demo_data"
-        return Path(tempfile.gettempdir()) / "ssl3d_demo_data"
-
     def _demo_volumes(self) -> list[Path]:
-        """Write the MNI152 template once (atomically, since several processes may look) and list the demo scans."""
-        folder = self._demo_folder()
-        target = folder / f"mni152_t1_{DEMO_RESOLUTION}mm.nii.gz"
-        if not target.is_file():
-            partial = folder / f".partial-{os.getpid()}"
-            written = write_mni152_nifti(partial, DEMO_RESOLUTION)
-            os.replace(written["image"], target)
-            shutil.rmtree(partial, ignore_errors=True)
+        """Write the MNI152 template once and list the demo scans."""
+        folder = demo_folder(self.hparams.demo_dir, self.trainer, "ssl3d_demo_data")
+        target = mni152_nifti(folder, DEMO_RESOLUTION)["image"]
         extra = nibabel_test_scan()
         return [target] if extra is None else [target, extra]
 

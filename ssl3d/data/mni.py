@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +25,23 @@ class MNI152:
     affine: np.ndarray
 
 
+def load_mni152_template(resolution: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The T1 template at ``resolution`` mm (float32, as nilearn ships it) and its affine."""
+    datasets = optional_import("nilearn.datasets", extra="demo", purpose="the MNI152 demo data")
+    image = datasets.load_mni152_template(resolution=resolution)
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine.copy()
+
+
+def demo_folder(configured: str | Path | None, trainer: Any, fallback: str) -> Path:
+    """Where a demo writes its data: ``configured``, else the trainer's ``<default_root_dir>/demo_data``, else
+    ``<temporary folder>/<fallback>``."""
+    if configured is not None:
+        return Path(configured)
+    if trainer is not None:
+        return Path(trainer.default_root_dir) / "demo_data"
+    return Path(tempfile.gettempdir()) / fallback
+
+
 def load_mni152(resolution: int = 2) -> MNI152:
     """Load the template at ``resolution`` mm (1 or 2) with labels from nilearn's probability maps.
 
@@ -29,8 +49,7 @@ def load_mni152(resolution: int = 2) -> MNI152:
     probability is at least 0.5, otherwise "other brain" (mostly CSF).
     """
     datasets = optional_import("nilearn.datasets", extra="demo", purpose="the MNI152 demo data")
-    t1_img = datasets.load_mni152_template(resolution=resolution)
-    t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
+    t1, affine = load_mni152_template(resolution)
     grey = np.asarray(datasets.load_mni152_gm_template(resolution=resolution).dataobj, dtype=np.float32)
     white = np.asarray(datasets.load_mni152_wm_template(resolution=resolution).dataobj, dtype=np.float32)
     brain = np.asarray(datasets.load_mni152_brain_mask(resolution=resolution).dataobj) > 0
@@ -39,7 +58,7 @@ def load_mni152(resolution: int = 2) -> MNI152:
     is_tissue = brain & (np.maximum(grey, white) >= 0.5)
     tissue[is_tissue & (grey >= white)] = 1
     tissue[is_tissue & (white > grey)] = 2
-    return MNI152(t1=t1, tissue=tissue, affine=t1_img.affine.copy())
+    return MNI152(t1=t1, tissue=tissue, affine=affine)
 
 
 def mni152_paths(folder: str | Path, resolution: int = 2) -> dict[str, Path]:
@@ -60,10 +79,13 @@ def mni152_nifti(folder: str | Path, resolution: int = 2) -> dict[str, Path]:
 
 
 def write_mni152_nifti(folder: str | Path, resolution: int = 2) -> dict[str, Path]:
-    """Write the template and its tissue labels as NIfTI files under ``folder``; return their paths."""
+    """Write the template and its tissue labels as NIfTI files under ``folder``; return their paths. Each file is
+    written under a name of this process's own and then renamed, since several processes may write at once."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     mni = load_mni152(resolution)
     paths = mni152_paths(folder, resolution)
-    nib.save(nib.Nifti1Image(mni.t1, mni.affine), paths["image"])
-    nib.save(nib.Nifti1Image(mni.tissue.astype(np.uint8), mni.affine), paths["label"])
+    for path, array in ((paths["image"], mni.t1), (paths["label"], mni.tissue.astype(np.uint8))):
+        partial = path.with_name(f".{os.getpid()}.{path.name}")
+        nib.save(nib.Nifti1Image(array, mni.affine), partial)
+        os.replace(partial, path)
     return paths

@@ -19,7 +19,6 @@ every label value must be in ``label_map``.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
 from agreement.runs import ResumableDataLoader
+from ssl3d.data.mni import demo_folder
 from ssl3d.data.sources import read_datalist
 from ssl3d.data.volumes import VolumeLoader, read_nifti
 from ssl3d.probe import patch_label_grid, slice_bands
@@ -453,11 +453,7 @@ class SegmentationData(pl.LightningDataModule):
         return hp.train_dir is not None and hp.val_dir is not None
 
     def _demo_dir(self) -> Path:
-        if self.hparams.demo_dir is not None:
-            return Path(self.hparams.demo_dir)
-        if self.trainer is not None:
-            return Path(self.trainer.default_root_dir) / "demo_data"
-        return Path(tempfile.gettempdir()) / "ssl3d_finetune_demo"
+        return demo_folder(self.hparams.demo_dir, self.trainer, "ssl3d_finetune_demo")
 
     def list_cases(self) -> dict[str, list[SegmentationCase]]:
         """The cases of each split, from the datalist, the folders or the demo."""

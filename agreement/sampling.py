@@ -4,7 +4,8 @@ continues the stream through ``state_dict``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,3 +65,23 @@ class SeededSampler(DistributedSampler):
         mine = order[self.rank : self.total_size : self.num_replicas]
         seeds = np.random.SeedSequence([*key, self.rank]).generate_state(len(mine)) % MAX_SEED
         return iter(zip(mine, (int(s) for s in seeds)))
+
+
+def split_key(key: int | tuple[int, int] | Sequence[int], length: int) -> tuple[int, int]:
+    """``(index, seed)`` from a :class:`SeededSampler` key; a plain index gets a seed from torch's global
+    generator."""
+    if isinstance(key, (tuple, list)):
+        index, seed = int(key[0]), int(key[1])
+    else:
+        index, seed = int(key), int(torch.randint(0, MAX_SEED, ()).item())
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} samples")
+    return index, seed
+
+
+def seeded_call(fn: Callable[..., Any], seed: int, *args: Any) -> Any:
+    """``fn(*args)`` with torch's global generator seeded by ``seed``, leaving the caller's generator as it was
+    (a sample's augmentation, fixed by its key whatever the worker)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(*args)

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from agreement import dist
 from agreement.runs import ResumableDataLoader
-from agreement.sampling import SeededSampler
+from agreement.sampling import SeededSampler, seeded_call
 from prompts.datasets import DATASETS, Item, load_dataset, read_image
 from prompts.splits import fewshot_split, subsample_classes
 
@@ -38,12 +37,7 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         item = self.items[index]
         image = read_image(item.impath)
-        if seed is None:
-            tensor = self.transform(image)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                tensor = self.transform(image)
+        tensor = self.transform(image) if seed is None else seeded_call(self.transform, seed, image)
         return {"image": tensor, "label": item.label, "index": index + self.index_offset}
 
 

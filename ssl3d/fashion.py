@@ -28,9 +28,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from agreement.callbacks import KNNProbeCallback
 from agreement.knn import kmeans_probe, knn_accuracy, linear_probe
 from agreement.metrics import ari, cluster_usage, nmi, purity
-from agreement.sampling import SeededSampler
+from agreement.sampling import SeededSampler, split_key
 from agreement.tables import format_mean_std, markdown_table, mean_std
-from ssl3d.data.datasets import _split_key
 from ssl3d.data.sources import class_folder_images
 from ssl3d.encoder import SliceEncoder
 from ssl3d.module import JointSSL
@@ -168,7 +167,7 @@ class ImageViews(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, int]:
-        index, seed = _split_key(key, len(self))
+        index, seed = split_key(key, len(self))
         return {"index": index, "seed": seed}
 
 

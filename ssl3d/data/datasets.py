@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from agreement.sampling import MAX_SEED
+from agreement.sampling import MAX_SEED, split_key
 from ssl3d.data.images import load_image
 from ssl3d.data.sources import VolumeSource, as_sources
 from ssl3d.data.transforms import (
@@ -33,17 +33,6 @@ from ssl3d.data.transforms import (
 from ssl3d.data.volumes import VolumeLoader
 
 CACHE_MODES = ("memory", "disk", None)
-
-
-def _split_key(key: int | tuple[int, int] | Sequence[int], length: int) -> tuple[int, int]:
-    """``(index, seed)`` from a sampler key; a plain index gets a seed from torch's global generator."""
-    if isinstance(key, (tuple, list)):
-        index, seed = int(key[0]), int(key[1])
-    else:
-        index, seed = int(key), int(torch.randint(0, MAX_SEED, ()).item())
-    if not 0 <= index < length:
-        raise IndexError(f"index {index} out of range for a dataset of {length} samples")
-    return index, seed
 
 
 def _check_arranged(volume: torch.Tensor, what: str) -> torch.Tensor:
@@ -152,7 +141,7 @@ class VolumeViewsDataset(Dataset):
         return self._load(position)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
-        index, seed = _split_key(key, len(self))
+        index, seed = split_key(key, len(self))
         position, sample = divmod(index, self.samples_per_volume)
         rng = np.random.RandomState(seed)
         slab = self.loader.fit(self.volume(position), rng if self.random_crop else None)
@@ -245,7 +234,7 @@ class SliceViewsDataset(Dataset):
         return self._stacks[self._stack_of[index]][self._row_of[index]]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
-        index, seed = _split_key(key, len(self))
+        index, seed = split_key(key, len(self))
         views = seeded_views_2d(self.views2d, self.sample(index), seed)
         item = {"index": index, "view1": views[0], "view2": views[1]}
         if len(views) > 2:  # multi-crop: the small views, (small_crops, 1, h, w)

@@ -23,7 +23,7 @@ from monai.transforms import (
 )
 from torchvision.transforms import v2
 
-from agreement.sampling import MAX_SEED
+from agreement.sampling import MAX_SEED, seeded_call
 from ssl3d.data.volumes import _plain
 
 
@@ -148,9 +148,7 @@ class MultiCropViews2D(TwoViews2D):
 
 def seeded_views_2d(views: Callable, image: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
     """Run torch-RNG-based ``views`` under ``seed`` without disturbing the caller's global generator."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return views(image)
+    return seeded_call(views, seed, image)
 
 
 def seeded_volume_views(

@@ -177,7 +177,9 @@ class BatchViews:
     The recipe of ``ssl3d.data.transforms.view_transform_2d`` (random resized crop with aspect ratio 3/4..4/3,
     horizontal flip, brightness and contrast jitter with probability 0.8, Gaussian blur with probability 0.5),
     vectorised: one ``grid_sample`` for the crops and flips and one grouped convolution for the blurs instead of
-    a chain of per-image transforms. A generator seeded by the batch's per-sample seeds makes it deterministic.
+    a chain of per-image transforms: on a 2-core CPU 6 ms against 243 ms (``TwoViews2D`` per image under
+    ``seeded_views_2d``) for two views of 128 images, median of 7 interleaved rounds, a minute of each seed's
+    250 steps. A generator seeded by the batch's per-sample seeds makes it deterministic.
     With ``small_crops``, SwAV's multi-crop: that many more views per sample, ``small_size`` pixels square, cut
     from ``small_scale`` of the image, as ``small_views`` (B, small_crops, 1, small_size, small_size).
     """

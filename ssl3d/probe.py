@@ -20,7 +20,7 @@ from torch import nn
 from agreement.knn import check_knn_settings, weighted_knn_predict
 from agreement.metrics import per_class_accuracy
 from ssl3d.data.mni import MNI152, TISSUE_NAMES, load_mni152
-from ssl3d.data.volumes import VolumeLoader
+from ssl3d.data.volumes import VolumeLoader, scale_to_unit
 
 FeatureFn = Callable[[torch.Tensor], Sequence[torch.Tensor] | torch.Tensor]
 
@@ -119,12 +119,9 @@ def _pretraining_slices(t1: np.ndarray, slice_axis: int, size: tuple[int, int]) 
     already in RAS orientation, so the loader's reorientation is a no-op here.
     """
     loader = VolumeLoader(size=size, slice_axis=slice_axis, resize=True)
-    lo, hi = np.percentile(t1, loader.percentiles)
-    if hi <= lo:
-        raise ValueError(
-            f"the volume is constant between its {loader.percentiles} percentiles; cannot normalise it"
-        )
-    volume = torch.from_numpy(np.clip((t1 - lo) / (hi - lo), 0.0, 1.0).astype(np.float32))
+    volume = scale_to_unit(
+        torch.from_numpy(np.asarray(t1, dtype=np.float32)), loader.percentiles, "the volume"
+    )
     return loader.arrange(volume[None])[0].clamp_(0.0, 1.0)
 
 

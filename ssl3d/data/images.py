@@ -11,6 +11,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from agreement.inputs import check_files
 from agreement.optional import optional_import
+from ssl3d.data.volumes import scale_to_unit
 
 
 def load_image(path: str | Path, percentiles: Sequence[float] = (0.5, 99.5)) -> torch.Tensor:
@@ -38,12 +39,7 @@ def load_image(path: str | Path, percentiles: Sequence[float] = (0.5, 99.5)) -> 
     bad = int((~torch.isfinite(image)).sum())
     if bad:
         raise ValueError(f"{path}: contains {bad} NaN or infinite pixels")
-    low, high = (float(v) for v in np.percentile(image.numpy(), list(percentiles)))
-    if high <= low:
-        raise ValueError(
-            f"{path}: constant or nearly constant image (percentiles {tuple(percentiles)} at {low:g})"
-        )
-    return ((image - low) / (high - low)).clamp_(0.0, 1.0)
+    return scale_to_unit(image, percentiles, str(path))
 
 
 def _read_dicom(path: Path) -> torch.Tensor:

@@ -24,7 +24,6 @@ from monai.transforms import (
     Orientation,
     RandSpatialCrop,
     Resize,
-    ScaleIntensityRange,
     Spacing,
     SpatialPad,
 )
@@ -163,14 +162,7 @@ class VolumeLoader:
             image = self._spacing(image)
         if float(image.max()) == float(image.min()):
             raise ValueError(f"{path}: constant volume (every voxel is {float(image.min()):g})")
-        low, high = (float(v) for v in percentile(image, list(self.percentiles)))
-        if high <= low:
-            raise ValueError(
-                f"{path}: intensity percentiles {self.percentiles} are equal ({low:g}); the volume is nearly "
-                "constant and cannot be scaled to 0..1"
-            )
-        image = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
-        return _plain(image)
+        return _plain(scale_to_unit(image, self.percentiles, str(path)))
 
     @staticmethod
     def _probe(path: Path, kind: str) -> None:
@@ -211,6 +203,19 @@ class VolumeLoader:
 
     def __call__(self, path: str | Path, slice_axis: int | None = None) -> torch.Tensor:
         return self.fit(self.load(path, slice_axis))
+
+
+def scale_to_unit(image: torch.Tensor, percentiles: Sequence[float], what: str) -> torch.Tensor:
+    """``image`` with the intensities at its ``percentiles`` mapped to 0 and 1 and clipped: the scaling of every
+    pretraining input (volumes and 2D images alike). ``what`` names the input in the error for a (nearly)
+    constant one."""
+    low, high = (float(v) for v in percentile(image, list(percentiles)))
+    if high <= low:
+        raise ValueError(
+            f"{what}: intensity percentiles {tuple(percentiles)} are equal ({low:g}); it is nearly constant and "
+            "cannot be scaled to 0..1"
+        )
+    return ((image - low) / (high - low)).clamp(0.0, 1.0)
 
 
 def read_nifti(path: Path) -> nib.Nifti1Image:

@@ -13,9 +13,12 @@
   were stopped.
 - :class:`RunCLI` is the ``LightningCLI`` base of the training CLIs: the run-folder arguments and a trainer with
   all of the above.
-- :func:`check_budget`, :func:`resolve_checkpoint`, :func:`checkpoint_info` and :func:`config_differences` are the
-  checks a CLI runs before it writes anything: an impossible training budget, a checkpoint that does not exist, a
-  run folder that already holds another run, a configuration that differs from the checkpoint's.
+- :func:`check_budget`, :func:`checkpoint_run_dir`, :func:`resolve_checkpoint`, :func:`refuse_to_overwrite`,
+  :func:`checkpoint_info` and :func:`config_differences` are the checks a CLI runs before it writes anything: an
+  impossible training budget, a checkpoint that does not exist, a run folder that already holds another run, a
+  configuration that differs from the checkpoint's.
+- :func:`run_folder`, :func:`save_config`, :func:`write_summary` and :func:`write_text_atomic` are what every CLI,
+  Lightning or not, writes its run folder with.
 """
 
 from __future__ import annotations

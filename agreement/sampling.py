@@ -1,6 +1,7 @@
 """One seeded, sharded sampler for every training loader: the order and each sample's augmentation seed follow
 from ``(seed, stream, epoch, pass)`` alone, whatever the number of DataLoader workers, and a resumed run
-continues the stream through ``state_dict``."""
+continues the stream through ``state_dict``. Datasets read its ``(index, seed)`` keys with :func:`split_key` and
+draw a sample's augmentation under its seed with :func:`seeded_call`."""
 
 from __future__ import annotations
 

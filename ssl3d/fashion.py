@@ -4,7 +4,8 @@
 backbone features are classified by a weighted kNN vote (k=20) on the labelled test set. The comparison is the
 same architecture from random initialisations, every encoder's BatchNorm statistics re-estimated on the same
 unlabelled training images; the pretraining seed's own initialisation is one of the random ones, so the gain over
-it is a paired difference. The images come from the Debian package ``dataset-fashion-mnist`` (idx files), or any
+it is a paired difference. Besides kNN and a linear probe, the check reads out the clustering itself: k-means of
+the frozen features into as many clusters as classes, and the first prototype head's assignments. The images come from the Debian package ``dataset-fashion-mnist`` (idx files), or any
 folder of idx files or of one sub-folder of images per class.
 """
 

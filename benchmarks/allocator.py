@@ -12,7 +12,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ def measure(mode: str, quick: bool, steps: int = 3) -> dict[str, float]:
     """One process's figures: median seconds per step after a warm-up step, and the system time and minor page
     faults of the timed steps."""
     from agreement.allocator import retain_freed_memory
+    from benchmarks.common import time_call
     from benchmarks.ssl3d import PAPER_STEP, PAPER_STEP_QUICK, make_batch, training_step_fn
 
     if mode == "retain" and not retain_freed_memory():
@@ -36,11 +36,7 @@ def measure(mode: str, quick: bool, steps: int = 3) -> dict[str, float]:
     step = training_step_fn(model | {"num_slices": slices, "channels_last": True}, batch, device)
     step()
     before = resource.getrusage(resource.RUSAGE_SELF)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = [time_call(step) for _ in range(steps)]
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "seconds_per_step": statistics.median(times),
@@ -89,9 +85,8 @@ def run_allocator_benchmark(pairs: int = 3, quick: bool = False) -> dict[str, An
     }
 
 
-if (
-    __name__ == "__main__"
-):  # one child process of run_allocator_benchmark: python -m benchmarks.allocator MODE
+# One child process of run_allocator_benchmark: python -m benchmarks.allocator MODE
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=MODES)
     parser.add_argument("--quick", action="store_true", help="a ResNet-18 on 8 slices of 32x32: a smoke test")

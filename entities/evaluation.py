@@ -121,10 +121,8 @@ def evaluate_episode(regime: str, seed: int, options: dict[str, Any] | None = No
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # names outside the cast are expected here
-        settings = DiscoveryOptions().updated(**(options or {}))
-        ours = discover(
-            records.embeddings, records.weak_names, records.frames, gazetteer, settings, seed=seed
-        )
+        chosen = DiscoveryOptions().updated(**(options or {}))
+        ours = discover(records.embeddings, records.weak_names, records.frames, gazetteer, chosen, seed=seed)
     return {
         "regime": regime,
         "seed": seed,
